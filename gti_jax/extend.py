@@ -1,0 +1,337 @@
+"""``python -m gti_jax.extend``: add tokens to a checkpoint, the fast and correct way.
+
+Reads a Hugging Face checkpoint directory (config.json, safetensors, tokenizer) or a GGUF
+file, adds the new tokens to the tokenizer, grows the embedding (and an untied head) with the
+chosen initializer, and writes a checkpoint directory that ``transformers`` loads unchanged.
+No PyTorch model is built: tensors are memory-mapped, the two vocabulary tensors are resized
+with :func:`gti_jax.vocab.resize_vocab`, and every other tensor is copied as it is.
+
+Every input is checked before any heavy work; output goes to a temporary directory beside
+``--out`` that is renamed into place only when complete, so a failed run leaves nothing.
+
+Example::
+
+    python -m gti_jax.extend --model path/to/hf_dir --tokens tokens.jsonl \\
+        --init description --out path/to/extended --pad-to-multiple-of 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gti_jax.io import safetensors as st
+from gti_jax.vocab import initializers as inits
+from gti_jax.vocab.resize import EmbeddingSpec, ResizeError, plan_resize, resize_vocab
+from gti_jax.vocab.tokens import (
+    TokenEntry,
+    TokenError,
+    description_token_ids,
+    extend_tokenizer,
+    read_tokens_file,
+    validate_new_tokens,
+)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
+
+
+class ExtendError(ValueError):
+    """Bad input to ``gti_jax.extend``."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint opened for extension: HF config dict, HF-named tensors, tokenizer."""
+
+    config: dict[str, Any]
+    tensors: Mapping[str, Any]
+    tokenizer: Any
+    source_dir: Path | None  # files to carry over (generation_config.json, ...)
+
+
+def _log(msg: str) -> None:
+    print(f"[gti_jax.extend] {msg}", file=sys.stderr, flush=True)
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Opens a HF directory, a ``.gguf`` file or a built-in alias (``smollm2-135m``)."""
+    path = Path(model)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ExtendError(
+                f"{path}: no config.json; --model must be a Hugging Face checkpoint directory, a .gguf file or an alias"
+            )
+        try:
+            config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ExtendError(
+                f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download config.json"
+            ) from None
+        tensors = st.load_dir_tensors(path)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # transformers raises many types for a missing tokenizer
+            raise ExtendError(
+                f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the directory needs tokenizer files"
+            ) from None
+        return Checkpoint(config, tensors, tokenizer, path)
+    from gti_jax.models import gguf
+
+    gguf_path = gguf.resolve_alias(model)
+    if gguf_path is None and path.suffix == ".gguf":
+        gguf_path = path
+    if gguf_path is None:
+        raise ExtendError(
+            f"--model {model!r}: no such directory, .gguf file or alias (aliases: {', '.join(gguf.ALIASES)})"
+        )
+    config, tensors, tokenizer = gguf.load_gguf(gguf_path)
+    return Checkpoint(config, tensors, tokenizer, None)
+
+
+def _spec_for(ckpt: Checkpoint) -> EmbeddingSpec:
+    cfg, tensors = ckpt.config, ckpt.tensors
+    if "model.embed_tokens.weight" not in tensors:
+        raise ExtendError(
+            "checkpoint has no 'model.embed_tokens.weight'; gti_jax.extend supports Llama-family (Llama, Qwen2, Qwen3, SmolLM2) checkpoints"
+        )
+    tied = bool(cfg.get("tie_word_embeddings", "lm_head.weight" not in tensors))
+    if not tied and "lm_head.weight" not in tensors:
+        raise ExtendError(
+            "config says tie_word_embeddings=false but the checkpoint has no 'lm_head.weight'; fix config.json"
+        )
+    return EmbeddingSpec.hf(tied=tied, bias="lm_head.bias" in tensors)
+
+
+def _parse_init_args(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ExtendError(f"--init-arg {item!r}: expected NAME=VALUE, e.g. --init-arg std=0.01")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def extend_checkpoint(
+    model: str,
+    tokens: str | os.PathLike | Sequence[TokenEntry],
+    out: str | os.PathLike,
+    *,
+    init: str = "mean",
+    init_kwargs: Mapping[str, Any] | None = None,
+    pad_to_multiple_of: int = 1,
+    seed: int = 0,
+    skip_existing: bool = False,
+) -> dict[str, Any]:
+    """Extends a checkpoint with new tokens and writes it to ``out``.
+
+    Args:
+      model: a Hugging Face checkpoint directory, a ``.gguf`` file or an alias.
+      tokens: a tokens file (JSONL ``{"token", "description"}`` or ``.txt``) or entries.
+      out: the output directory; must not exist yet.
+      init: initializer name (see :mod:`gti_jax.vocab.initializers`).
+      init_kwargs: its keyword arguments.
+      pad_to_multiple_of: round the table's rows up to a multiple of this when it grows.
+      seed: PRNG seed for random initializers.
+      skip_existing: drop requested tokens that the tokenizer already has instead of failing.
+
+    Returns:
+      A summary: token counts, rows before and after, new ids, timings.
+    """
+    import jax
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists():
+        raise ExtendError(f"--out {out} already exists; choose a new directory or remove it")
+    if not out.parent.exists():
+        raise ExtendError(
+            f"--out {out}: parent directory {out.parent} does not exist; create it first"
+        )
+    if not os.access(out.parent, os.W_OK):
+        raise ExtendError(f"--out {out}: cannot write to {out.parent}; choose a writable location")
+    if init not in inits.INITIALIZERS:
+        raise ExtendError(
+            f"--init {init!r}: unknown initializer; choose one of {', '.join(inits.INITIALIZERS)}"
+        )
+    try:
+        inits.get_initializer(init, **dict(init_kwargs or {}))
+    except ValueError as e:
+        raise ExtendError(str(e)) from None
+    if pad_to_multiple_of < 1:
+        raise ExtendError(f"--pad-to-multiple-of must be >= 1, got {pad_to_multiple_of}")
+
+    entries = read_tokens_file(tokens) if isinstance(tokens, str | os.PathLike) else list(tokens)
+    if not entries:
+        raise ExtendError("no tokens to add; the tokens file is empty")
+    ckpt = open_checkpoint(model)
+    spec = _spec_for(ckpt)
+    num_rows = int(np.shape(ckpt.tensors["model.embed_tokens.weight"])[0])
+    num_tokens = len(ckpt.tokenizer)
+    if num_tokens > num_rows:
+        raise ExtendError(
+            f"tokenizer has {num_tokens} tokens but the embedding has {num_rows} rows; the tokenizer does not belong to this checkpoint"
+        )
+    to_add = validate_new_tokens(
+        ckpt.tokenizer, [e.token for e in entries], skip_existing=skip_existing
+    )
+    if not to_add:
+        raise ExtendError("every requested token is already in the vocabulary; nothing to do")
+    desc_ids = None
+    if init == "description":
+        by_token = {e.token: e.description for e in entries}
+        desc_ids = description_token_ids(ckpt.tokenizer, [by_token[t] for t in to_add])
+    plan = plan_resize(
+        num_rows, num_tokens, num_tokens + len(to_add), pad_to_multiple_of=pad_to_multiple_of
+    )
+    _log(
+        f"{len(to_add)} new tokens; tokenizer {num_tokens} -> {plan.new_num_tokens}; rows {num_rows} -> {plan.new_num_rows} ({'tied' if spec.tied else 'untied'} head)"
+    )
+
+    # Heavy work starts here; everything below writes only into a temporary directory.
+    tokenizer = ckpt.tokenizer
+    ids = extend_tokenizer(tokenizer, to_add)
+    if list(ids) != list(plan.new_ids):
+        raise ExtendError(
+            f"tokenizer assigned ids {ids[:3]}... but rows {plan.new_ids.start}.. were planned; the tokenizer's ids are not contiguous"
+        )
+    vocab = {n: ckpt.tensors[n] for n in spec.paths().values() for n in n}
+    t1 = time.perf_counter()
+    resized = resize_vocab(
+        {k: v for k, v in vocab.items()},
+        spec,
+        plan.new_num_tokens,
+        init,
+        jax.random.key(seed),
+        num_tokens=num_tokens,
+        pad_to_multiple_of=pad_to_multiple_of,
+        description_ids=desc_ids,
+        init_kwargs=init_kwargs,
+    )
+    resized = {k: np.asarray(v) for k, v in resized.items()}
+    t2 = time.perf_counter()
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if ckpt.source_dir is not None:
+            for f in ckpt.source_dir.iterdir():
+                if (
+                    f.is_file()
+                    and f.suffix not in _WEIGHT_SUFFIXES
+                    and f.name not in ("config.json", st.INDEX_FILE)
+                ):
+                    shutil.copy2(f, tmp / f.name)
+        tensors = {name: resized.get(name, arr) for name, arr in ckpt.tensors.items()}
+        st.save_dir_tensors(tmp, tensors)
+        config = dict(ckpt.config)
+        config["vocab_size"] = plan.new_num_rows
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        summary = {
+            "model": str(model),
+            "init": init,
+            "num_tokens": num_tokens,
+            "new_num_tokens": plan.new_num_tokens,
+            "num_rows": num_rows,
+            "new_num_rows": plan.new_num_rows,
+            "new_ids": [plan.new_ids.start, plan.new_ids.stop],
+            "tied": spec.tied,
+            "skipped_existing": len(entries) - len(to_add),
+            "resize_seconds": round(t2 - t1, 3),
+            "total_seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / "gti_extend.json").write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(
+        f"wrote {out} in {summary['total_seconds']:.1f} s (resize {summary['resize_seconds']:.2f} s)"
+    )
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gti_jax.extend",
+        description="Add new tokens to a Hugging Face checkpoint (or GGUF) and initialize their rows.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF checkpoint directory, .gguf file, or alias (smollm2-135m)",
+    )
+    p.add_argument(
+        "--tokens",
+        required=True,
+        help='JSONL {"token", "description"} a line, or .txt one token a line',
+    )
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument(
+        "--init",
+        default="mean",
+        help=f"initializer: {', '.join(inits.INITIALIZERS)} (default mean)",
+    )
+    p.add_argument(
+        "--init-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="initializer argument, e.g. std=0.01 (repeatable)",
+    )
+    p.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        default=1,
+        metavar="N",
+        help="round the table's rows up to a multiple of N when it grows",
+    )
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for random initializers")
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip requested tokens the tokenizer already has",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        extend_checkpoint(
+            args.model,
+            args.tokens,
+            args.out,
+            init=args.init,
+            init_kwargs=_parse_init_args(args.init_arg),
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            seed=args.seed,
+            skip_existing=args.skip_existing,
+        )
+    except (ExtendError, TokenError, ResizeError, st.SafetensorsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # loaders' own one-line errors (GGUF, config)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""`python -m gti_jax.extend` end to end on tiny random transformers checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from gti_jax import extend
+from tests.helpers.hf_models import make_tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[2]
+NEW_TOKENS = [f"<{c}_{i}>" for c in "ab" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {f: make_tiny_hf_model(root, f) for f in ("llama", "qwen2", "qwen3")}
+
+
+def _tokens_file(path, tokens=NEW_TOKENS, descriptions=True):
+    with open(path, "w") as f:
+        for i, t in enumerate(tokens):
+            row = {"token": t}
+            if descriptions:
+                row["description"] = f"item number {i} about movies and books"
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _logits(model_dir, ids):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy(), model
+
+
+def _check_extended(src, out, init, pad):
+    tok_old = transformers.AutoTokenizer.from_pretrained(str(src))
+    tok_new = transformers.AutoTokenizer.from_pretrained(str(out))
+    n_old = len(tok_old)
+    assert len(tok_new) == n_old + len(NEW_TOKENS)
+    for i, t in enumerate(NEW_TOKENS):
+        assert tok_new.encode(t, add_special_tokens=False) == [n_old + i]
+        assert tok_new.decode([n_old + i]) == t
+    ids = [tok_old.encode("the cat sat on the mat and then it ran", add_special_tokens=False)[:12]]
+    before, m_old = _logits(src, ids)
+    after, m_new = _logits(out, ids)
+    # the old vocabulary's logits are unchanged: old rows and the backbone are preserved
+    assert np.abs(after[..., :n_old] - before[..., :n_old]).max() <= 1e-5
+    cfg = json.loads((out / "config.json").read_text())
+    rows = m_new.get_input_embeddings().weight.detach().numpy()
+    assert cfg["vocab_size"] == rows.shape[0]
+    old_rows = m_old.get_input_embeddings().weight.detach().numpy()
+    assert rows.shape[0] >= old_rows.shape[0]
+    if rows.shape[0] > old_rows.shape[0]:
+        assert rows.shape[0] % pad == 0
+    np.testing.assert_array_equal(rows[:n_old], old_rows[:n_old])
+    new = rows[n_old : n_old + len(NEW_TOKENS)]
+    heads = [(new, old_rows)]
+    if not m_new.config.tie_word_embeddings:
+        h_new = m_new.get_output_embeddings().weight.detach().numpy()
+        h_old = m_old.get_output_embeddings().weight.detach().numpy()
+        np.testing.assert_array_equal(h_new[:n_old], h_old[:n_old])
+        heads.append((h_new[n_old : n_old + len(NEW_TOKENS)], h_old))
+    else:
+        assert (
+            m_new.get_output_embeddings().weight.data_ptr()
+            == m_new.get_input_embeddings().weight.data_ptr()
+        )
+    for got, old in heads:
+        if init == "mean":
+            want = old[:n_old].astype(np.float64).mean(0)
+            np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-6)
+        elif init == "description":
+            for i in range(len(NEW_TOKENS)):
+                d = tok_old.encode(
+                    f"item number {i} about movies and books", add_special_tokens=False
+                )
+                np.testing.assert_allclose(
+                    got[i], old[d].astype(np.float64).mean(0), rtol=1e-5, atol=1e-6
+                )
+    return m_new
+
+
+@pytest.mark.parametrize(
+    "family, init, pad", [("llama", "mean", 64), ("qwen3", "description", 8), ("qwen2", "mean", 1)]
+)
+def test_extend_in_process(models, tmp_path, family, init, pad):
+    out = tmp_path / "out"
+    rc = extend.main(
+        [
+            "--model",
+            str(models[family]),
+            "--tokens",
+            str(_tokens_file(tmp_path / "t.jsonl")),
+            "--out",
+            str(out),
+            "--init",
+            init,
+            "--pad-to-multiple-of",
+            str(pad),
+        ]
+    )
+    assert rc == 0
+    _check_extended(models[family], out, init, pad)
+
+
+def test_qwen2_spare_rows_are_used_without_growth(models, tmp_path):
+    out = tmp_path / "out"
+    assert (
+        extend.main(
+            [
+                "--model",
+                str(models["qwen2"]),
+                "--tokens",
+                str(_tokens_file(tmp_path / "t.jsonl", NEW_TOKENS[:6])),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    old = json.loads((models["qwen2"] / "config.json").read_text())["vocab_size"]
+    assert (
+        json.loads((out / "config.json").read_text())["vocab_size"] == old
+    )  # the tokens fit in the padding
+
+
+def test_extend_cli_subprocess_mean_cov(models, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gti_jax.extend",
+            "--model",
+            str(models["qwen3"]),
+            "--tokens",
+            str(_tokens_file(tmp_path / "t.jsonl")),
+            "--out",
+            str(out),
+            "--init",
+            "mean_cov",
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    m_new = _check_extended(models["qwen3"], out, "mean_cov", 1)
+    rows = m_new.get_input_embeddings().weight.detach().numpy()
+    n_old = len(transformers.AutoTokenizer.from_pretrained(str(models["qwen3"])))
+    new = rows[n_old : n_old + len(NEW_TOKENS)]
+    assert np.linalg.matrix_rank(new - new.mean(0)) == len(NEW_TOKENS) - 1  # spread, not collapsed
+    summary = json.loads((out / "gti_extend.json").read_text())
+    assert summary["new_ids"] == [n_old, n_old + len(NEW_TOKENS)]
+
+
+def _truncate(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+BAD = {
+    "missing model dir": (lambda m, t: ["--model", str(t / "nope")], "no such directory"),
+    "dir without config": (lambda m, t: ["--model", str(t)], "config.json"),
+    "config not json": (
+        lambda m, t: ["--model", str(_copy_with(m, t / "c", "config.json", "{oops"))],
+        "not valid JSON",
+    ),
+    "truncated safetensors": (
+        lambda m, t: ["--model", str(_truncate(m, t / "trunc"))],
+        "truncated",
+    ),
+    "tokens file missing": (lambda m, t: ["--tokens", str(t / "none.jsonl")], "none.jsonl"),
+    "malformed jsonl": (
+        lambda m, t: ["--tokens", str(_write(t / "bad.jsonl", '{"token": "<a_1>"}\n{token: 1}\n'))],
+        "bad.jsonl:2",
+    ),
+    "duplicate tokens": (
+        lambda m, t: ["--tokens", str(_write(t / "d.txt", "<a_1>\n<a_1>\n"))],
+        "more than once",
+    ),
+    "already in vocab": (
+        lambda m, t: ["--tokens", str(_write(t / "e.txt", "<|im_end|>\n"))],
+        "--skip-existing",
+    ),
+    "whitespace token": (
+        lambda m, t: ["--tokens", str(_write(t / "w.jsonl", '{"token": "  "}\n'))],
+        "whitespace",
+    ),
+    "empty tokens file": (lambda m, t: ["--tokens", str(_write(t / "empty.txt", ""))], "empty"),
+    "description missing": (
+        lambda m, t: [
+            "--tokens",
+            str(_write(t / "nd.jsonl", '{"token": "<a_1>"}\n')),
+            "--init",
+            "description",
+        ],
+        "description",
+    ),
+    "unknown init": (lambda m, t: ["--init", "zeros"], "unknown initializer"),
+    "bad init arg": (lambda m, t: ["--init", "normal", "--init-arg", "sdt=1"], "bad arguments"),
+    "init arg format": (lambda m, t: ["--init-arg", "std"], "NAME=VALUE"),
+    "bad padding": (lambda m, t: ["--pad-to-multiple-of", "0"], "pad-to-multiple-of"),
+    "out exists": (lambda m, t: ["--out", str(t)], "already exists"),
+    "out parent missing": (lambda m, t: ["--out", str(t / "x" / "y")], "does not exist"),
+}
+
+
+def _write(path, text):
+    Path(path).write_text(text)
+    return path
+
+
+def _copy_with(src, dst, name, text):
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / name).write_text(text)
+    return dst
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_error_and_nothing_written(models, tmp_path, capsys, case):
+    make_args, needle = BAD[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "out"
+    args = {
+        "--model": str(models["llama"]),
+        "--tokens": str(_tokens_file(work / "ok.jsonl")),
+        "--out": str(out),
+    }
+    extra = make_args(models["llama"], work)
+    rest = []
+    i = 0
+    while i < len(extra):
+        if extra[i] in args:
+            args[extra[i]] = extra[i + 1]
+        else:
+            rest += extra[i : i + 2]
+        i += 2
+    before = set(tmp_path.iterdir())
+    rc = extend.main([x for kv in args.items() for x in kv] + rest)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert needle in err[0], err[0]
+    assert set(tmp_path.iterdir()) == before  # no --out, no temporary directory left behind
+    if args["--out"] == str(out):
+        assert not out.exists()

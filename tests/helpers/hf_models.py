@@ -1,0 +1,120 @@
+"""Tiny random Hugging Face checkpoints built offline with torch, for parity tests.
+
+Families (2 layers each, float32, safetensors, with the tiny test tokenizer):
+
+- "llama": tied embeddings, GQA (4 heads / 2 kv heads), Llama-3 RoPE scaling.
+- "qwen2": untied head, q/k/v biases, GQA, embedding padded past the tokenizer (spare rows).
+- "qwen3": untied head, per-head q/k RMSNorm, `head_dim=16` with hidden 48 and 4 heads (so
+  head_dim != hidden / heads).
+
+Weights are re-drawn with std 0.1 (norm scales around 1), so logits differ meaningfully
+between tokens and greedy decoding is not a string of ties.
+
+Example:
+    >>> d = make_tiny_hf_model(tmp_path, "qwen3")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from tests.helpers.tokenizers import save_tiny_tokenizer
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def tiny_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:
+    """The transformers config of a tiny model of `family` with `vocab_size` rows."""
+    common = dict(
+        vocab_size=vocab_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    if family == "llama":
+        return transformers.LlamaConfig(
+            hidden_size=32,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            **common,
+        )
+    if family == "qwen2":
+        return transformers.Qwen2Config(
+            hidden_size=32,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            **common,
+        )
+    if family == "qwen3":
+        return transformers.Qwen3Config(
+            hidden_size=48,
+            head_dim=16,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            **common,
+        )
+    raise ValueError(f"family={family!r}: use one of {FAMILIES}")
+
+
+def make_tiny_hf_model(
+    tmp_path: str | os.PathLike,
+    family: str,
+    *,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    tokenizer=None,
+) -> Path:
+    """Builds, randomizes and saves a tiny HF causal LM plus tokenizer; returns its directory.
+
+    Args:
+        tmp_path: parent directory; the model goes to `tmp_path / f"{family}-{seed}"`.
+        family: "llama", "qwen2" or "qwen3".
+        vocab_size: embedding rows; default `len(tokenizer)` ("qwen2": rounded up to a
+            multiple of 64, leaving spare rows like real Qwen checkpoints).
+        seed: torch seed of the weights.
+        tokenizer: a tokenizer to save instead of the tiny test tokenizer.
+
+    Returns:
+        The checkpoint directory (`config.json`, `model.safetensors`, tokenizer files).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: use one of {FAMILIES}")
+    out = Path(tmp_path) / f"{family}-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        tokenizer = save_tiny_tokenizer(out)
+    else:
+        tokenizer.save_pretrained(str(out))
+    if vocab_size is None:
+        vocab_size = len(tokenizer)
+        if family == "qwen2":
+            vocab_size = -(-vocab_size // 64) * 64 + (64 if vocab_size % 64 == 0 else 0)
+    config = tiny_hf_config(family, vocab_size)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(str(out))
+    return out
