@@ -229,6 +229,9 @@ def extend_checkpoint(
     t2 = time.perf_counter()
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary directory
     try:
         if ckpt.source_dir is not None:
             for f in ckpt.source_dir.iterdir():
@@ -334,4 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gti_jax._env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
     sys.exit(main())
