@@ -1,0 +1,75 @@
+"""Llama-family models in Flax NNX, Hugging Face checkpoint I/O and sharding rules.
+
+Example:
+    >>> from gti_jax.models import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gti_jax.models.config import ConfigError, LlamaConfig
+from gti_jax.models.hf import (
+    CheckpointMismatchError,
+    export_hf_dir,
+    load_hf_dir,
+    model_from_tensors,
+    model_to_tensors,
+)
+from gti_jax.models.llama import KVCache, LlamaForCausalLM
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ConfigError",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "export_hf_dir",
+    "load_hf_dir",
+    "load_pretrained",
+    "model_from_tensors",
+    "model_to_tensors",
+]
+
+
+def load_pretrained(path_or_alias: str | os.PathLike, **kw: Any) -> tuple[LlamaForCausalLM, Any]:
+    """Loads a model and tokenizer from a Hugging Face directory, a `.gguf` file or an alias.
+
+    Args:
+        path_or_alias: a checkpoint directory (`config.json` + safetensors), a `.gguf` file, or
+            a known alias such as "smollm2-135m" (resolved by `gti_jax.models.gguf`).
+        **kw: forwarded to `model_from_tensors` (`param_dtype`, `dtype`, `mesh`, `rules`);
+            `with_tokenizer` applies to checkpoint directories only.
+
+    Returns:
+        `(model, tokenizer)`.
+
+    Raises:
+        FileNotFoundError: the path does not exist and is no known alias.
+
+    Example:
+        >>> model, tok = load_pretrained("smollm2-135m")  # doctest: +SKIP
+    """
+    path = Path(path_or_alias)
+    if path.is_dir():
+        return load_hf_dir(path, **kw)
+    from gti_jax.models.gguf import load_gguf, resolve_alias
+
+    if not (path.is_file() and path.suffix == ".gguf"):
+        resolved = resolve_alias(str(path_or_alias))
+        if resolved is None:
+            raise FileNotFoundError(
+                f"{path_or_alias}: not a checkpoint directory, a .gguf file or a known alias; "
+                "pass a Hugging Face directory with config.json or a .gguf path"
+            )
+        path = Path(resolved)
+    if path.is_dir():
+        return load_hf_dir(path, **kw)
+    kw.pop("with_tokenizer", None)
+    hf_config, tensors, tokenizer = load_gguf(path)
+    config = LlamaConfig.from_hf_dict(hf_config)
+    return model_from_tensors(config, tensors, **kw), tokenizer

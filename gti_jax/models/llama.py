@@ -1,0 +1,548 @@
+"""A Flax NNX decoder for the Llama family: Llama, SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k norms).
+
+The model follows the Hugging Face implementation numerically (RMSNorm in float32, RoPE with
+the rotate-half convention, grouped-query attention, SwiGLU MLP) so that logits match
+`transformers` to ~1e-5 in float32.
+
+Parameters (paths in `nnx.state(model)`; shapes; logical axis names in the `out_sharding`
+metadata of each `nnx.Param`, mapped to mesh axes by `gti_jax.models.sharding`):
+
+=========================================  ==============  ===============================
+path                                       shape           logical axes
+=========================================  ==============  ===============================
+embed/embedding                            [V, D]          (vocab, embed)
+layers/{i}/input_layernorm/scale           [D]             (norm,)
+layers/{i}/self_attn/q_proj/kernel         [D, H, hd]      (embed, heads, head_dim)
+layers/{i}/self_attn/q_proj/bias  (Qwen2)  [H, hd]         (heads, head_dim)
+layers/{i}/self_attn/k_proj/kernel         [D, K, hd]      (embed, kv_heads, head_dim)
+layers/{i}/self_attn/v_proj/kernel         [D, K, hd]      (embed, kv_heads, head_dim)
+layers/{i}/self_attn/q_norm/scale (Qwen3)  [hd]            (norm,)
+layers/{i}/self_attn/o_proj/kernel         [H, hd, D]      (heads, head_dim, embed)
+layers/{i}/post_attention_layernorm/scale  [D]             (norm,)
+layers/{i}/mlp/gate_proj/kernel            [D, F]          (embed, mlp)
+layers/{i}/mlp/up_proj/kernel              [D, F]          (embed, mlp)
+layers/{i}/mlp/down_proj/kernel            [F, D]          (mlp, embed)
+norm/scale                                 [D]             (norm,)
+lm_head/kernel  (untied only)              [D, V]          (embed, vocab)
+=========================================  ==============  ===============================
+
+So `model.embed.embedding` is the input table and `model.lm_head.kernel` the untied head. A
+tied model has no `lm_head` attribute at all: its logits are `h @ embed.embedding.T`, so
+extending the table extends the head too.
+
+Layers live in an `nnx.List` (not `nnx.scan`): paths keep the checkpoint's layer index, and
+the decoders here have at most a few dozen layers, so unrolled compile time is acceptable.
+
+Decoding uses an explicit functional KV cache (`KVCache`, see `LlamaForCausalLM.init_cache`).
+
+Example:
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...                   num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)
+    >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+    (2, 5, 64)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gti_jax.models.config import LlamaConfig
+
+__all__ = ["LlamaForCausalLM", "KVCache", "rope_inv_freq", "default_positions"]
+
+Array = jax.Array
+_INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
+    """A parameter with logical axis names stored as `out_sharding` metadata.
+
+    `eager_sharding=False` keeps the names as pure metadata: the model never needs a mesh to be
+    built, and `gti_jax.models.sharding` turns the names into shardings when asked.
+    """
+    value = init(rngs.params() if rngs is not None else None, shape, dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+_normal = lambda key, shape, dtype: _INIT_STD * jax.random.normal(key, shape, dtype)
+_zeros = lambda key, shape, dtype: jnp.zeros(shape, dtype)
+_ones = lambda key, shape, dtype: jnp.ones(shape, dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table `embedding` of shape `[V, D]`."""
+
+    def __init__(self, num_rows: int, dim: int, *, rngs: nnx.Rngs, param_dtype, dtype):
+        self.embedding = _param(rngs, _normal, (num_rows, dim), param_dtype, ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: Array) -> Array:
+        """Looks up `[B, T]` ids and returns `[B, T, D]` vectors in the compute dtype."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """A linear map contracting the trailing `len(in_shape)` input dims with the kernel.
+
+    The kernel has shape `in_shape + out_shape` (e.g. `[D, H, hd]` for a query projection),
+    so head structure is explicit and shardable by name.
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        axes: tuple[str | None, ...],
+        *,
+        use_bias: bool = False,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+    ):
+        self.n_in = len(in_shape)
+        self.kernel = _param(rngs, _normal, in_shape + out_shape, param_dtype, axes)
+        self.bias = (
+            _param(rngs, _zeros, out_shape, param_dtype, axes[self.n_in :]) if use_bias else None
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned `scale` (computed in float32, like HF)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype):
+        self.scale = _param(None, _ones, (dim,), param_dtype, ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
+        return self.scale[...].astype(self.dtype) * normed
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies `[hd // 2]` (float32), with Llama-3 scaling when configured.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+        ...                   num_hidden_layers=1, num_attention_heads=1)
+        >>> rope_inv_freq(cfg).shape
+        (4,)
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    # float32 throughout, as transformers computes it
+    inv_freq = np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_cos_sin(inv_freq: np.ndarray, positions: Array) -> tuple[Array, Array]:
+    """cos/sin tables `[B, T, hd]` for integer positions `[B, T]` (float32)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates `[B, T, N, hd]` by the rotate-half convention of Hugging Face Llama."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def default_positions(attention_mask: Array, start: Array | int = 0) -> Array:
+    """RoPE positions `[B, T]` that skip padding: `start + cumsum(mask) - 1`, floored at 0.
+
+    With left padding, the first real token of every row gets position `start`, so a padded
+    prompt sees the same positions (and logits) as the same prompt unpadded.
+
+    Args:
+        attention_mask: `[B, T]` of 1 (token) / 0 (padding).
+        start: `[B]` or scalar position of the first real token.
+
+    Returns:
+        `[B, T]` int32 positions.
+
+    Example:
+        >>> default_positions(jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist()
+        [[0, 0, 0, 1], [0, 1, 2, 3]]
+    """
+    mask = attention_mask.astype(jnp.int32)
+    start = jnp.asarray(start, jnp.int32).reshape(-1, 1)
+    return jnp.maximum(start + jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+
+
+class KVCache(NamedTuple):
+    """Functional key/value cache for incremental decoding (a pytree; jit and scan friendly).
+
+    The cache has `S = max_len` slots shared by the whole batch. A call with `T` new tokens
+    writes their keys/values at slots `[index, index + T)` of every row and advances `index`
+    by `T`; it never mutates the cache in place, it returns a new one. Padding is tracked per
+    slot in `key_mask`, RoPE positions per row in `positions`, so left-padded prompts of
+    different lengths decode together correctly.
+
+    Attributes:
+        k: one `[B, S, K, hd]` array per layer (keys after RoPE).
+        v: one `[B, S, K, hd]` array per layer.
+        key_mask: `[B, S]` bool; True where a slot holds a real (non-padding) token.
+        positions: `[B]` int32; the RoPE position the next real token of each row gets
+            (= the number of real tokens seen so far).
+        index: `[]` int32; the next slot to write.
+
+    Writing past `max_len` is not detected inside jit (XLA clamps the write); size the cache
+    for prompt length + new tokens. Logical axes (for `gti_jax.models.sharding.cache_shardings`):
+    k/v `("batch", "cache_seq", "kv_heads", "head_dim")`, key_mask `("batch", "cache_seq")`,
+    positions `("batch",)`, index replicated.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    key_mask: Array
+    positions: Array
+    index: Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.shape[1]
+
+    def take(self, rows: Array) -> KVCache:
+        """Selects/reorders batch rows, e.g. to expand prompts into beams or follow beam parents.
+
+        Args:
+            rows: `[B']` int indices into the current batch.
+
+        Returns:
+            A cache with batch size `B'` (same `index`).
+
+        Example:
+            >>> cache = KVCache.zeros(num_layers=1, batch=2, max_len=4, num_kv_heads=1,
+            ...                       head_dim=2, dtype=jnp.float32)
+            >>> cache.take(jnp.array([0, 0, 1, 1])).batch_size
+            4
+        """
+        pick = lambda x: jnp.take(x, rows, axis=0)
+        return KVCache(
+            k=tuple(pick(x) for x in self.k),
+            v=tuple(pick(x) for x in self.v),
+            key_mask=pick(self.key_mask),
+            positions=pick(self.positions),
+            index=self.index,
+        )
+
+    @staticmethod
+    def zeros(
+        *, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype
+    ) -> KVCache:
+        """An empty cache (all slots invalid, index 0, positions 0)."""
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        return KVCache(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            key_mask=jnp.zeros((batch, max_len), bool),
+            positions=jnp.zeros((batch,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k/v biases and q/k RMSNorm."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        d, h, k, hd = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        bias = config.attention_bias
+        self.q_proj = Dense((d,), (h, hd), ("embed", "heads", "head_dim"), use_bias=bias, **kw)
+        self.k_proj = Dense((d,), (k, hd), ("embed", "kv_heads", "head_dim"), use_bias=bias, **kw)
+        self.v_proj = Dense((d,), (k, hd), ("embed", "kv_heads", "head_dim"), use_bias=bias, **kw)
+        self.o_proj = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), **kw)
+        if config.qk_norm:
+            norm_kw = dict(param_dtype=param_dtype, dtype=dtype)
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, **norm_kw)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, **norm_kw)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_kv_heads, self.head_dim, self.dtype = k, hd, dtype
+
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        mask: Array,
+        kv: tuple[Array, Array] | None,
+        index: Array | None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """Attends `[B, T, D]` inputs; `mask` is `[B, T, S]` bool (True = may attend).
+
+        Without a cache `S = T`; with one, `kv` holds this layer's `[B, S, K, hd]` keys and
+        values and the new ones are written at `index` before attending.
+        """
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        new_kv = None
+        if kv is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            new_kv = (k, v)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+        groups = q.shape[2] // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (self.head_dim**-0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, -1, self.head_dim)
+        return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.gate_proj = Dense((d,), (f,), ("embed", "mlp"), **kw)
+        self.up_proj = Dense((d,), (f,), ("embed", "mlp"), **kw)
+        self.down_proj = Dense((f,), (d,), ("mlp", "embed"), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        kw = dict(param_dtype=param_dtype, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = MLP(config, rngs=rngs, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv, index):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama-family causal LM (Llama, SmolLM2, Qwen2, Qwen3) in Flax NNX.
+
+    Args:
+        config: the architecture.
+        rngs: random streams for the initial (random) parameters.
+        param_dtype: dtype parameters are stored in.
+        dtype: compute dtype (activations, matmuls); logits are always float32.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+        >>> model.lm_head.kernel.shape
+        (16, 32)
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        dtype=jnp.float32,
+    ):
+        self.config = config
+        self.dtype = dtype
+        kw = dict(param_dtype=param_dtype, dtype=dtype)
+        self.embed = Embed(config.vocab_size, config.hidden_size, rngs=rngs, **kw)
+        self.layers = nnx.List(
+            [DecoderLayer(config, rngs=rngs, **kw) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        if not config.tie_word_embeddings:
+            self.lm_head = Dense(
+                (config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), rngs=rngs, **kw
+            )
+        self.inv_freq = tuple(rope_inv_freq(config).tolist())  # static, hashable
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the embedding table (and of the output head)."""
+        return self.embed.embedding.shape[0]
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """Returns an empty `KVCache` for `batch` rows and `max_len` token slots.
+
+        Decoding protocol (what a generation loop does):
+
+        1. `cache = model.init_cache(B, T_prompt + max_new_tokens)`.
+        2. Prefill: `logits, cache = model(prompt_ids, attention_mask=prompt_mask,
+           cache=cache)` with left-padded `[B, T_prompt]` ids and a 1/0 mask. The next-token
+           distribution of each row is `logits[:, -1]` (the last slot is real for every row
+           under left padding).
+        3. Step: `logits, cache = model(next_ids[:, None], cache=cache)`; `logits[:, 0]` is the
+           distribution of the following token. Repeat. No mask is needed for steps (new
+           tokens are real); pass `attention_mask=[[0], ...]` for rows that are finished if
+           you want their keys ignored (not necessary for correctness of live rows).
+        4. Beam search: `cache.take(rows)` to repeat prompts into beams
+           (`rows = jnp.repeat(jnp.arange(B), n_beams)`) and to reorder by beam parents.
+
+        All of it is jit-compatible: the cache is a pytree of fixed shapes, `index` is traced.
+
+        Args:
+            batch: rows `B`.
+            max_len: slots `S` (prompt length plus tokens to generate).
+            dtype: cache dtype; defaults to the compute dtype.
+
+        Returns:
+            A `KVCache` of zeros with `index = 0`.
+
+        Example:
+            >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+            ...                   num_hidden_layers=1, num_attention_heads=2)
+            >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+            >>> cache = model.init_cache(2, 8)
+            >>> logits, cache = model(jnp.ones((2, 3), jnp.int32), cache=cache)
+            >>> logits, cache = model(jnp.ones((2, 1), jnp.int32), cache=cache)
+            >>> int(cache.index), logits.shape
+            (4, (2, 1, 32))
+        """
+        cfg = self.config
+        return KVCache.zeros(
+            num_layers=cfg.num_hidden_layers,
+            batch=batch,
+            max_len=max_len,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            dtype=dtype or self.dtype,
+        )
+
+    def hidden_states(
+        self,
+        x: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Runs the decoder stack on input vectors `[B, T, D]`; returns final-normed `[B, T, D]`.
+
+        Useful to feed embeddings that do not come from `self.embed` (e.g. new-token rows
+        kept in their own array). Arguments as in `__call__`.
+        """
+        b, t, _ = x.shape
+        mask_in = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        x = x.astype(self.dtype)
+        if cache is None:
+            if positions is None:
+                positions = default_positions(mask_in)
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & mask_in[:, None, :]
+            index, kvs = None, [None] * len(self.layers)
+        else:
+            if positions is None:
+                positions = default_positions(mask_in, cache.positions)
+            index = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask_in, (0, index))
+            q_slot = index + jnp.arange(t)
+            causal = jnp.arange(cache.max_len)[None, :] <= q_slot[:, None]
+            mask = causal[None] & key_mask[:, None, :]
+            kvs = list(zip(cache.k, cache.v, strict=True))
+        cos, sin = _rope_cos_sin(np.asarray(self.inv_freq, np.float32), positions)
+        new_kvs = []
+        for layer, kv in zip(self.layers, kvs, strict=True):
+            x, new_kv = layer(x, cos, sin, mask, kv, index)
+            new_kvs.append(new_kv)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        new_cache = KVCache(
+            k=tuple(k for k, _ in new_kvs),
+            v=tuple(v for _, v in new_kvs),
+            key_mask=key_mask,
+            positions=cache.positions + mask_in.sum(axis=1).astype(jnp.int32),
+            index=cache.index + t,
+        )
+        return x, new_cache
+
+    def logits(self, h: Array) -> Array:
+        """Projects final hidden states `[B, T, D]` to float32 logits `[B, T, V]`.
+
+        Tied models use `h @ embed.embedding.T`; untied ones `h @ lm_head.kernel`.
+        """
+        h = h.astype(self.dtype)
+        if self.config.tie_word_embeddings:
+            table = self.embed.embedding[...].astype(self.dtype)
+            return jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
+        kernel = self.lm_head.kernel[...].astype(self.dtype)
+        return jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        *,
+        positions: Array | None = None,
+        attention_mask: Array | None = None,
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Computes next-token logits.
+
+        Args:
+            input_ids: `[B, T]` int token ids (left-padded when rows differ in length).
+            positions: `[B, T]` RoPE positions; by default they count only real tokens
+                (`default_positions`), continuing from `cache.positions` with a cache.
+            attention_mask: `[B, T]` 1 for tokens, 0 for padding; default all ones. Padding
+                keys are never attended to; logits at padding positions are meaningless.
+            cache: a `KVCache` to extend (see `init_cache` for the decoding protocol).
+
+        Returns:
+            float32 logits `[B, T, V]`; with a cache, `(logits, new_cache)`.
+        """
+        x = self.embed(input_ids)
+        h, new_cache = self.hidden_states(
+            x, positions=positions, attention_mask=attention_mask, cache=cache
+        )
+        logits = self.logits(h)
+        if cache is None:
+            return logits
+        return logits, new_cache

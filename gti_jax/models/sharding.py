@@ -1,0 +1,265 @@
+"""Logical axis names -> mesh axes: one rules table, a mesh builder, and model placement.
+
+Every model parameter carries logical axis names (`("vocab", "embed")` for the embedding) in
+its `out_sharding` metadata. A rules table maps each logical name to zero, one or several mesh
+axes; re-sharding a model is a matter of editing the rules, not the model code (MaxText style).
+
+Example:
+    >>> mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    >>> logical_to_spec(("vocab", "embed"), LOGICAL_RULES, mesh)
+    P(None, None)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "LOGICAL_RULES",
+    "MESH_AXES",
+    "MeshError",
+    "make_mesh",
+    "logical_to_spec",
+    "logical_axes",
+    "state_shardings",
+    "cache_shardings",
+    "shard_model",
+    "create_sharded_model",
+]
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Mapping[str, MeshAxes] | Sequence[tuple[str, MeshAxes]]
+
+#: Mesh axis names used by the default rules, outermost first.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+#: Default logical -> mesh axis rules. `None` means replicated. Names not listed replicate.
+LOGICAL_RULES: Mapping[str, MeshAxes] = MappingProxyType(
+    {
+        "batch": ("data", "fsdp"),
+        "vocab": "tensor",
+        "embed": "fsdp",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "head_dim": None,
+        "mlp": "tensor",
+        "norm": None,
+        "seq": None,
+        "cache_seq": None,
+    }
+)
+
+
+class MeshError(ValueError):
+    """A mesh request does not fit the available devices."""
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds a device mesh with named axes (Auto axis types).
+
+    Args:
+        axis_sizes: ordered mapping axis name -> size; one size may be -1 ("the rest").
+        devices: devices to use; defaults to `jax.devices()`.
+
+    Returns:
+        A `jax.sharding.Mesh` whose axes follow the order of `axis_sizes`.
+
+    Raises:
+        MeshError: the product of the sizes differs from the number of devices.
+
+    Example:
+        >>> dict(make_mesh({"data": -1, "tensor": 1}, devices=jax.devices()[:1]).shape)
+        {'data': 1, 'tensor': 1}
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(axis_sizes)
+    sizes = [int(s) for s in axis_sizes.values()]
+    if sizes.count(-1) > 1:
+        raise MeshError(f"mesh {dict(axis_sizes)}: at most one axis may have size -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"mesh {dict(axis_sizes)}: sizes must be positive (or one -1)")
+    if -1 in sizes:
+        rest = math.prod(s for s in sizes if s != -1)
+        if len(devices) % rest:
+            raise MeshError(
+                f"mesh {dict(axis_sizes)}: {len(devices)} devices are not divisible by {rest}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if math.prod(sizes) != len(devices):
+        raise MeshError(
+            f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices but "
+            f"{len(devices)} are available; make the axis sizes multiply to {len(devices)}"
+        )
+    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), names)
+
+
+def _as_dict(rules: Rules) -> dict[str, MeshAxes]:
+    return dict(rules.items() if isinstance(rules, Mapping) else rules)
+
+
+def logical_to_spec(
+    names: Sequence[str | None],
+    rules: Rules = LOGICAL_RULES,
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names of an array to a `PartitionSpec` for `mesh`.
+
+    Per dimension: the rule's mesh axes, minus axes the mesh lacks or has at size 1, minus axes
+    an earlier dimension already uses. When `shape` is given and a dimension is not divisible
+    by the product of its mesh axes, that dimension is replicated instead (correct, only less
+    distributed), so odd vocabulary sizes never fail to load. Unknown names replicate.
+
+    Args:
+        names: one logical name (or None) per dimension.
+        rules: logical name -> mesh axis, tuple of axes, or None.
+        mesh: the mesh; None keeps every rule axis (no size information).
+        shape: the array shape, to check divisibility.
+
+    Returns:
+        The `PartitionSpec`.
+
+    Example:
+        >>> logical_to_spec(("embed", "vocab"), {"vocab": "tensor", "embed": "fsdp"})
+        P('fsdp', 'tensor')
+    """
+    table = _as_dict(rules)
+    used: set[str] = set()
+    out: list[MeshAxes] = []
+    for dim, name in enumerate(names):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+        axes = tuple(a for a in axes if a not in used)
+        if axes and shape is not None and mesh is not None:
+            if shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axis names of a variable (all None when it has none)."""
+    names = variable.get_metadata().get("out_sharding")
+    return tuple(names) if names else (None,) * len(variable.shape)
+
+
+def state_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+    """`NamedSharding`s for every variable of a model or `nnx.State`, from its logical names.
+
+    Args:
+        tree: an NNX module or state (concrete or abstract from `nnx.eval_shape`).
+        mesh: the mesh.
+        rules: logical rules.
+
+    Returns:
+        A pytree of the same structure as `nnx.state(tree)` with `NamedSharding` leaves, usable
+        as jit `out_shardings` or with `jax.device_put`.
+
+    Example:
+        >>> from gti_jax.models import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+        >>> mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+        >>> state_shardings(model, mesh)["embed"]["embedding"].get_value().spec
+        P(None, None)
+    """
+    state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
+
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            spec = logical_to_spec(logical_axes(v), rules, mesh, v.shape)
+            return v.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+    """`NamedSharding`s for a `KVCache` (batch and kv_heads sharded as the rules say).
+
+    Args:
+        cache: a `gti_jax.models.llama.KVCache` (concrete or abstract).
+        mesh: the mesh.
+        rules: logical rules.
+
+    Returns:
+        A `KVCache`-shaped pytree of `NamedSharding`, for `jax.device_put` or jit shardings.
+
+    Example:
+        >>> from gti_jax.models.llama import KVCache
+        >>> cache = KVCache.zeros(num_layers=1, batch=2, max_len=4, num_kv_heads=1,
+        ...                       head_dim=2, dtype=jax.numpy.float32)
+        >>> mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+        >>> cache = jax.device_put(cache, cache_shardings(cache, mesh))
+    """
+    spec = lambda names, x: NamedSharding(mesh, logical_to_spec(names, rules, mesh, x.shape))
+    kv_axes = ("batch", "cache_seq", "kv_heads", "head_dim")
+    return type(cache)(
+        k=tuple(spec(kv_axes, x) for x in cache.k),
+        v=tuple(spec(kv_axes, x) for x in cache.v),
+        key_mask=spec(("batch", "cache_seq"), cache.key_mask),
+        positions=spec(("batch",), cache.positions),
+        index=NamedSharding(mesh, PartitionSpec()),
+    )
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:
+    """Returns a new model whose parameters are placed by the rules on `mesh`.
+
+    Args:
+        model: a concrete NNX model.
+        mesh: the mesh.
+        rules: logical rules.
+
+    Returns:
+        A model (new object) with resharded parameters; the input is left unchanged.
+
+    Example:
+        >>> from gti_jax.models import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+        >>> sharded = shard_model(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
+    """
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, state_shardings(state, mesh, rules))
+    return nnx.merge(graphdef, state)
+
+
+def create_sharded_model(make_model, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:
+    """Builds a model directly in its sharded placement (never whole on one device).
+
+    Args:
+        make_model: a zero-argument function returning a freshly initialized model, e.g.
+            `lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))`.
+        mesh: the mesh.
+        rules: logical rules.
+
+    Returns:
+        The model, each parameter created by a jit with `out_shardings` from the rules.
+
+    Example:
+        >>> from gti_jax.models import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+        >>> m = create_sharded_model(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
+    """
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh, rules)
+
+    init = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)
+    return nnx.merge(graphdef, init())
