@@ -1,0 +1,396 @@
+"""Checkpoints of a training run (orbax) and the small grounded-rows artifact (safetensors).
+
+:class:`Checkpointer` wraps an orbax ``CheckpointManager``. A checkpoint at global step ``s``
+holds two items: ``state`` (any pytree of jax arrays: parameters, optimizer state, ...) and
+``meta`` (a JSON mapping: stage, data position, random key data, ...). Steps are global: they
+keep counting across stages (grounding, then fine-tuning), so one directory orders every
+checkpoint of a run and ``latest_step()`` is where to resume.
+
+Checkpoints are written atomically: orbax writes ``<step>.orbax-checkpoint-tmp...`` and
+renames it to ``<step>`` only when every item is on disk (on buckets it writes a commit
+marker instead). Only complete checkpoints are listed or restored; temporary directories
+left by an interrupted save are ignored and removed when a :class:`Checkpointer` opens the
+directory.
+
+Restoring takes a target pytree whose leaves carry shardings, and places every array
+directly onto them, so a checkpoint written on one mesh restores onto another (e.g. saved
+on 4x2 devices, restored on 8x1) without gathering a full array on one device.
+
+The grounded-rows artifact is the new embedding rows alone (``[N, D]``), with JSON metadata,
+in one safetensors file: :func:`save_rows` and :func:`load_rows`. Nothing here pickles.
+
+Example:
+  >>> import tempfile, jax.numpy as jnp
+  >>> ckpt = Checkpointer(tempfile.mkdtemp(), keep=2, async_save=False)
+  >>> ckpt.save(10, {"w": jnp.ones((2, 3))}, {"stage": "ground"})
+  True
+  >>> state, meta = ckpt.restore(target={"w": jnp.zeros((2, 3))})
+  >>> float(state["w"].sum()), meta["stage"]
+  (6.0, 'ground')
+  >>> ckpt.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "RowsFileNotFoundError",
+    "load_rows",
+    "save_rows",
+]
+
+_STATE = "state"
+_META = "meta"
+# Written by orbax into every checkpoint before it is finalized; a step directory without it
+# (made by hand, or by another tool) is not taken as a checkpoint.
+_COMPLETE_MARKER = "_CHECKPOINT_METADATA"
+_ROWS_KEY = "rows"
+_ROWS_FORMAT = "gti_jax.rows/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or restored as asked (one line naming the fix)."""
+
+
+class RowsFileNotFoundError(FileNotFoundError):
+    """The grounded-rows file does not exist."""
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    """A pytree path as 'a/b/0/value', the same for the target and orbax's metadata tree."""
+    return "/".join(_key_name(e) for e in path) or "<root>"
+
+
+def _abstract_leaf(path: tuple[Any, ...], leaf: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        if leaf.sharding is None:
+            raise CheckpointError(
+                f"restore target leaf {_path_str(path)} has no sharding; build it as "
+                "jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
+            )
+        return leaf
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    raise CheckpointError(
+        f"restore target leaf {_path_str(path)} is a {type(leaf).__name__}; give a jax.Array "
+        "or a jax.ShapeDtypeStruct with a sharding"
+    )
+
+
+def _local_or_remote(directory: str | os.PathLike[str]) -> epath.Path:
+    text = os.fspath(directory)
+    if not text:
+        raise CheckpointError("checkpoint directory must be a non-empty path")
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+class Checkpointer:
+    """Saves and restores training state at global steps, keeping the newest `keep`.
+
+    Args:
+      directory: where checkpoints live (local path or a bucket URL such as ``gs://b/run``);
+        created if missing. Every process of a multi-host run passes the same directory.
+      keep: how many complete checkpoints to keep; older ones are deleted after a save.
+      async_save: write in a background thread. ``save`` returns once the arrays are
+        copied off the devices, so the caller may update (or donate) them right away;
+        call :meth:`wait` before reading the checkpoint back from another process.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> with Checkpointer(tempfile.mkdtemp(), keep=1) as ckpt:
+      ...     ckpt.save(1, {"w": jnp.zeros(2)}, {"stage": "sft"})
+      ...     ckpt.wait()
+      ...     ckpt.latest_step()
+      True
+      1
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, keep: int = 3, async_save: bool = True
+    ) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise CheckpointError(f"keep must be an int >= 1, got {keep!r}")
+        self._dir = _local_or_remote(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=bool(async_save),
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self._dir,
+            options=options,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    @property
+    def directory(self) -> str:
+        """The absolute checkpoint directory."""
+        return os.fspath(self._dir)
+
+    def _is_complete(self, step: int) -> bool:
+        return (self._dir / str(step) / _COMPLETE_MARKER).exists()
+
+    def all_steps(self) -> list[int]:
+        """The steps of the complete checkpoints on disk, ascending.
+
+        A save still in flight in this process is not listed until it is finalized
+        (see :meth:`wait`).
+        """
+        return sorted(s for s in self._manager.all_steps() if self._is_complete(s))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Saves `state` and `meta` as the checkpoint of global step `step`.
+
+        Args:
+          step: the global step (counting across stages), >= 0. Steps must increase: a step
+            at or below one already saved is skipped.
+          state: a pytree of jax arrays (sharded or not), e.g. params and optimizer state.
+          meta: a JSON-serializable mapping (stage name, data position, seed, random key data
+            as a list of ints, ...).
+          force: save even where orbax's save policy would skip this step.
+
+        Returns:
+          True if a checkpoint was written (or, with async saving, started); False if it was
+          skipped because `step` is not newer than the last saved step.
+
+        Raises:
+          CheckpointError: a bad step or a `meta` that is not a JSON mapping (checked before
+            anything is written).
+        """
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise CheckpointError(f"step must be an int >= 0, got {step!r}")
+        step = int(step)
+        meta = {} if meta is None else meta
+        if not isinstance(meta, Mapping):
+            raise CheckpointError(f"meta must be a mapping, got {type(meta).__name__}")
+        try:
+            meta = json.loads(json.dumps(dict(meta), allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"meta must be JSON-serializable (convert arrays with .tolist()): {e}"
+            ) from None
+        known = self._manager.all_steps()  # includes a save still in flight
+        if known and step <= max(known):
+            return False
+        return bool(
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+                ),
+                force=force,
+            )
+        )
+
+    def _check_target(self, step: int, abstract: Any) -> None:
+        """Raises one line listing every path or shape where `abstract` and the checkpoint
+        differ."""
+        try:
+            saved = self._manager.item_metadata(step)[_STATE]
+        except Exception:  # metadata unreadable: orbax's own restore error will tell
+            return
+        saved_tree = getattr(saved, "tree", saved)
+        if saved_tree is None:
+            return
+        saved_leaves, _ = jax.tree_util.tree_flatten_with_path(
+            saved_tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+        )
+        have = {_path_str(p): tuple(x.shape) for p, x in saved_leaves}
+        want = {
+            _path_str(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]
+        }
+        problems = []
+        missing = sorted(set(have) - set(want))
+        extra = sorted(set(want) - set(have))
+        if missing:
+            problems.append("not in the target: " + ", ".join(missing[:5]))
+        if extra:
+            problems.append("not in the checkpoint: " + ", ".join(extra[:5]))
+        shapes = [
+            f"{k} saved {list(have[k])} vs target {list(want[k])}"
+            for k in sorted(set(have) & set(want))
+            if have[k] != want[k]
+        ]
+        if shapes:
+            problems.append("shape " + ", ".join(shapes[:5]))
+        if problems:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not match the restore "
+                f"target: {'; '.join(problems)}"
+            )
+
+    def restore(self, step: int | None = None, *, target: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores a checkpoint onto the shardings of `target`.
+
+        Waits for any save of this process still in flight first.
+
+        Args:
+          step: the global step to restore; None: the newest complete checkpoint.
+          target: a pytree with the saved structure whose leaves are ``jax.Array`` or
+            ``jax.ShapeDtypeStruct`` with a ``sharding``; each array is restored with that
+            shape, dtype and sharding (which may use a different mesh than the one saved).
+
+        Returns:
+          ``(state, meta)``: the state pytree (same structure as `target`) and the meta dict.
+
+        Raises:
+          CheckpointError: no such checkpoint, or a target whose leaves lack shardings or do
+            not match the saved tree (every mismatching path listed on one line).
+        """
+        abstract = jax.tree_util.tree_map_with_path(_abstract_leaf, target)
+        self.wait()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}")
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(
+                f"no complete checkpoint for step {step} in {self.directory}; "
+                f"available: {steps or 'none'}"
+            )
+        self._check_target(step, abstract)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}
+            ),
+        )
+        return restored[_STATE], dict(restored[_META] or {})
+
+    def wait(self) -> None:
+        """Blocks until every save started by this process is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def save_rows(path: str | os.PathLike[str], rows: Any, meta: Mapping[str, Any]) -> None:
+    """Writes the new embedding rows alone, with JSON metadata, to one safetensors file.
+
+    The file is written to a temporary name beside `path` and renamed into place, so a
+    reader never sees half a file. In a multi-host run, call it from one process.
+
+    Args:
+      path: destination ``.safetensors`` file; its directory is created if needed.
+      rows: ``[N, D]`` array (numpy, or a fully addressable jax array), any float dtype
+        including bfloat16.
+      meta: JSON-serializable mapping (e.g. the new tokens, their first row id, the init
+        method); each value is stored as a JSON string under its key.
+
+    Raises:
+      CheckpointError: `rows` is not 2-D or `meta` is not a JSON mapping.
+
+    Example:
+      >>> import os, tempfile, numpy as np
+      >>> p = os.path.join(tempfile.mkdtemp(), "grounded_rows.safetensors")
+      >>> save_rows(p, np.ones((2, 4), np.float32), {"tokens": ["<a_1>", "<a_2>"]})
+      >>> rows, meta = load_rows(p)
+      >>> rows.shape, meta["tokens"]
+      ((2, 4), ['<a_1>', '<a_2>'])
+    """
+    array = np.ascontiguousarray(np.asarray(rows))
+    if array.ndim != 2:
+        raise CheckpointError(f"rows must be a [N, D] array, got shape {array.shape}")
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"meta must be a mapping, got {type(meta).__name__}")
+    header = {"format": _ROWS_FORMAT}
+    for key, value in meta.items():
+        if not isinstance(key, str) or key == "format":
+            raise CheckpointError(f"meta keys must be strings other than 'format', got {key!r}")
+        try:
+            header[key] = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"meta[{key!r}] is not JSON-serializable: {e}") from None
+    target = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".rows-", suffix=".safetensors.tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file({_ROWS_KEY: array}, tmp, metadata=header)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_rows(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Reads a file written by :func:`save_rows`.
+
+    Args:
+      path: the ``.safetensors`` file.
+
+    Returns:
+      ``(rows, meta)``: the ``[N, D]`` array in its saved dtype and the metadata dict.
+
+    Raises:
+      RowsFileNotFoundError: no file at `path`.
+      CheckpointError: the file is not a grounded-rows file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RowsFileNotFoundError(f"grounded-rows file not found: {path}")
+    try:
+        with safe_open(path, framework="np") as f:
+            header = dict(f.metadata() or {})
+            if header.get("format") != _ROWS_FORMAT or _ROWS_KEY not in f.keys():
+                raise CheckpointError(
+                    f"{path} is not a grounded-rows file (expected a '{_ROWS_KEY}' tensor and "
+                    f"format {_ROWS_FORMAT}); write it with save_rows"
+                )
+            rows = f.get_tensor(_ROWS_KEY)
+    except CheckpointError:
+        raise
+    except Exception as e:  # not safetensors at all
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{path} is not a readable safetensors file: {msg}") from None
+    header.pop("format")
+    return rows, {k: json.loads(v) for k, v in header.items()}
