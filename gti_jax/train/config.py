@@ -53,6 +53,7 @@ __all__ = [
     "ExportConfig",
     "GroundConfig",
     "MeshConfig",
+    "RecConfig",
     "SFTConfig",
     "TrainConfig",
     "config_help",
@@ -66,6 +67,16 @@ InitMethod = Literal["mean", "mean_noise", "mean_cov", "normal", "description"]
 DType = Literal["float32", "bfloat16"]
 Direction = Literal["text_to_token", "token_to_text"]
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+RecDatasetName = Literal["movielens-100k", "amazon-2018", "amazon-2023", "csv"]
+SemanticIdMethod = Literal["rq_kmeans", "rq_vae"]
+
+# rec.paths keys each dataset needs (required, optional).
+REC_PATH_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "movielens-100k": ((), ("dir",)),
+    "amazon-2018": (("reviews", "meta"), ()),
+    "amazon-2023": (("reviews", "meta"), ()),
+    "csv": (("interactions", "items"), ()),
+}
 
 
 class ConfigError(ValueError):
@@ -280,6 +291,63 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class RecConfig:
+    """The recommendation front end (python -m gti_jax.rec.prepare): data -> semantic IDs -> files."""
+
+    dataset: RecDatasetName = "movielens-100k"
+    """Source: movielens-100k (ships with recbole), amazon-2018, amazon-2023 (JSON lines,
+    optionally gzip) or csv (interactions CSV + items JSONL)."""
+
+    paths: dict[str, str] = field(default_factory=dict)
+    """Input files: amazon-*: {reviews, meta}; csv: {interactions, items}; movielens-100k:
+    optional {dir} holding ml-100k.inter and ml-100k.item (default: recbole's copy)."""
+
+    min_interactions: int = 5
+    """k-core: users and items with fewer interactions are dropped, repeatedly."""
+
+    max_history: int = 20
+    """Most recent items shown in a next-item prompt's history."""
+
+    max_sequence_length: int | None = None
+    """Keep each user's last N interactions before the k-core filter; null: all."""
+
+    embeddings: str = "backbone"
+    """Item embeddings for the semantic IDs: backbone (mean-pooled final hidden states of
+    `model` over each item's text) or a .npy file [num_items, D] in the filtered item order."""
+
+    embed_batch_size: int = 32
+    """Item texts embedded at once (backbone embeddings)."""
+
+    embed_max_len: int = 64
+    """Longest item text in tokens (backbone embeddings); longer texts are cut."""
+
+    semantic_ids: SemanticIdMethod = "rq_kmeans"
+    """Quantizer: rq_kmeans (residual k-means) or rq_vae (the paper's RQ-VAE)."""
+
+    levels: int = 3
+    """Quantizer levels; one more disambiguation level is added when IDs collide."""
+
+    codebook_size: int = 32
+    """Codes per level (new tokens per level); at most the number of items."""
+
+    rqvae_steps: int = 2000
+    """Optimizer steps of the RQ-VAE (semantic_ids=rq_vae)."""
+
+    history_with_titles: bool = False
+    """Show each history item's title after its ID in next-item prompts."""
+
+    max_train_examples: int | None = None
+    """Keep this many training examples (a seeded random subset, in order); null: all."""
+
+    max_eval_users: int | None = None
+    """Keep this many users in valid/test (a seeded random subset, the same for both); null:
+    all."""
+
+    seed: int | None = None
+    """Seed of the semantic IDs and the subsets; null: the top-level seed."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole run: extend -> initialize -> ground -> fine-tune -> evaluate -> export."""
 
@@ -331,6 +399,9 @@ class TrainConfig:
 
     export: ExportConfig = field(default_factory=ExportConfig)
     """Outputs."""
+
+    rec: RecConfig = field(default_factory=RecConfig)
+    """The recommendation data preparation (used when data.tokens is unset)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,16 +790,8 @@ def _validate(cfg: TrainConfig) -> None:
                 "every data path unset for the built-in MovieLens-100k quickstart",
             )
     else:
-        _check(
-            cfg.ground.steps == 0 or data.pairs is not None,
-            f"ground.steps={cfg.ground.steps} needs data.pairs (paired prompts); set "
-            "data.pairs=FILE or ground.steps=0",
-        )
-        _check(
-            sft.aux_pairs_ratio == 0 or data.pairs is not None,
-            "sft.aux_pairs_ratio > 0 needs data.pairs; set data.pairs=FILE or "
-            "sft.aux_pairs_ratio=0",
-        )
+        # Without data.pairs, grounding (and the auxiliary-task mix) use prompts made from
+        # the token descriptions; the trainer checks that every token has one.
         _check(
             sft.steps == 0 or data.sft is not None,
             f"sft.steps={sft.steps} needs data.sft (task prompts); set data.sft=FILE or "
@@ -738,6 +801,40 @@ def _validate(cfg: TrainConfig) -> None:
             data.candidates is None or data.eval is not None,
             "data.candidates is set but data.eval is not; set data.eval=FILE too",
         )
+
+    rec = cfg.rec
+    required, optional = REC_PATH_KEYS[rec.dataset]
+    unknown = sorted(set(rec.paths) - set(required) - set(optional))
+    _check(
+        not unknown,
+        f"rec.paths has key(s) {', '.join(unknown)} that rec.dataset={rec.dataset} does not use; "
+        f"it takes {', '.join(required + optional) or 'none'}",
+    )
+    missing = [k for k in required if not rec.paths.get(k)]
+    if missing:
+        raise ConfigError(
+            f"rec.dataset={rec.dataset} needs rec.paths.{missing[0]}; set "
+            + " ".join(f"rec.paths.{k}=FILE" for k in required)
+        )
+    _check(
+        rec.embeddings == "backbone" or rec.embeddings.endswith(".npy"),
+        f"rec.embeddings must be 'backbone' or a .npy file, got {rec.embeddings!r}",
+    )
+    _at_least("rec.min_interactions", rec.min_interactions, 1)
+    _at_least("rec.max_history", rec.max_history, 1)
+    _at_least("rec.max_sequence_length", rec.max_sequence_length, 3)
+    _at_least("rec.embed_batch_size", rec.embed_batch_size, 1)
+    _at_least("rec.embed_max_len", rec.embed_max_len, 1)
+    _check(
+        1 <= rec.levels <= 25,
+        f"rec.levels must be in [1, 25] (one letter a..z per level, one spare for "
+        f"disambiguation), got {rec.levels}",
+    )
+    _at_least("rec.codebook_size", rec.codebook_size, 2)
+    _at_least("rec.rqvae_steps", rec.rqvae_steps, 1)
+    _at_least("rec.max_train_examples", rec.max_train_examples, 1)
+    _at_least("rec.max_eval_users", rec.max_eval_users, 1)
+    _at_least("rec.seed", rec.seed, 0)
 
 
 # --------------------------------------------------------------------------------------------

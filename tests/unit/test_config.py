@@ -214,7 +214,6 @@ ERROR_CASES = [
     (None, ["mesh.shape.data=two"], ["mesh.shape.data must be an int, got 'two'"]),
     (None, ["mesh.rules.vocab=model"], ["mesh.rules.vocab refers to mesh axis 'model'"]),
     (None, ["data.sft=sft.jsonl"], ["data.sft is set but data.tokens is not"]),
-    (None, ["data.tokens=t.jsonl", "data.sft=s.jsonl"], ["ground.steps=100 needs data.pairs"]),
     (
         None,
         ["distributed.num_processes=2", "distributed.process_id=2"],
