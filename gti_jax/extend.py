@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from gti_jax.io import safetensors as st
+from gti_jax.io.atomic import temp_dir_beside
 from gti_jax.vocab import initializers as inits
 from gti_jax.vocab.resize import EmbeddingSpec, ResizeError, plan_resize, resize_vocab
 from gti_jax.vocab.tokens import (
@@ -228,10 +228,7 @@ def extend_checkpoint(
     resized = {k: np.asarray(v) for k, v in resized.items()}
     t2 = time.perf_counter()
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary directory
+    tmp = temp_dir_beside(out)
     try:
         if ckpt.source_dir is not None:
             for f in ckpt.source_dir.iterdir():

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from gti_jax.io.atomic import temp_dir_beside
 from gti_jax.io.safetensors import load_dir_tensors, save_dir_tensors
 from gti_jax.models.config import LlamaConfig
 from gti_jax.models.llama import LlamaForCausalLM
@@ -397,7 +397,7 @@ def export_hf_dir(
     tensors = model_to_tensors(model, dtype=dtype)
     weight_dtype = _dtype_name(tensors["model.embed_tokens.weight"].dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir)
     try:
         hf_config = config.to_hf_dict(dtype=weight_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -412,7 +412,7 @@ def export_hf_dir(
             }
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old = temp_dir_beside(out_dir, "old")
             os.replace(out_dir, old / "x")
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from gti_jax.io.atomic import temp_dir_beside
 
 __all__ = [
     "SemanticIds",
@@ -919,7 +920,7 @@ def save_semantic_ids(path_dir: str | os.PathLike, sids: SemanticIds) -> Path:
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{dest} exists and is not a directory; choose a directory path.")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = temp_dir_beside(dest)
     try:
         np.save(tmp / "codes.npy", sids.codes, allow_pickle=False)
         for level, book in enumerate(sids.codebooks):
@@ -933,7 +934,7 @@ def save_semantic_ids(path_dir: str | os.PathLike, sids: SemanticIds) -> Path:
         (tmp / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
         old = None
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            old = temp_dir_beside(dest, "old")
             os.replace(dest, old / "d")
         os.replace(tmp, dest)
         if old is not None:

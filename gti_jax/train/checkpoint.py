@@ -296,6 +296,24 @@ class Checkpointer:
         )
         return restored[_STATE], dict(restored[_META] or {})
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
+        """The meta dict of a complete checkpoint (the newest by default), without its state.
+
+        Returns None when there is no complete checkpoint.
+        """
+        self.wait()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                return None
+            step = steps[-1]
+        if step not in steps:
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        )
+        return dict(restored[_META] or {})
+
     def wait(self) -> None:
         """Blocks until every save started by this process is complete on disk."""
         self._manager.wait_until_finished()
