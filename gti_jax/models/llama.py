@@ -92,7 +92,9 @@ class Dense(nnx.Module):
     """A linear map contracting the trailing `len(in_shape)` input dims with the kernel.
 
     The kernel has shape `in_shape + out_shape` (e.g. `[D, H, hd]` for a query projection),
-    so head structure is explicit and shardable by name.
+    so head structure is explicit and shardable by name. `adapter` (None by default) may hold
+    a module whose output is added to the result, e.g. a LoRA branch
+    (`gti_jax.train.lora.apply_lora`); it adds no parameters until set.
     """
 
     def __init__(
@@ -112,11 +114,15 @@ class Dense(nnx.Module):
             _param(rngs, _zeros, out_shape, param_dtype, axes[self.n_in :]) if use_bias else None
         )
         self.dtype = dtype
+        # Optional module adding `adapter(x)` to the output (LoRA; see gti_jax.train.lora).
+        self.adapter = nnx.data(None)
 
     def __call__(self, x: Array) -> Array:
         y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.adapter is not None:
+            y = y + self.adapter(x).astype(y.dtype)
         return y
 
 

@@ -1,0 +1,563 @@
+"""Grounded Token Initialization (GTI): train only the new embedding rows, backbone frozen.
+
+After new tokens are added and initialized (e.g. all at the mean embedding), GTI trains their
+rows, and nothing else, with next-token loss on paired text <-> token prompts, so each new
+token gets a distinct, meaningful embedding before fine-tuning (arXiv 2604.02324).
+
+The trainable rows live in their own arrays, :class:`GroundParams` (``embed [N, D]`` and, for
+an untied head, ``head [N, D]``): gradients, Adam moments and weight decay exist for
+``N x D`` numbers only, never for the ``V x D`` table. The model state stays frozen: the
+step's forward pass reads the frozen table and substitutes the trainable rows wherever a new
+id is looked up (input embedding) and wherever a new token is scored (the new logit columns,
+from the tied table or the untied head), which is exactly the model with the rows joined into
+its table (:func:`join_new_rows`), without materializing a ``[V, D]`` gradient.
+
+Typical use:
+
+    >>> graphdef, state = nnx.split(model)  # doctest: +SKIP
+    >>> params = split_new_rows(state, new_ids, tied=tied)  # doctest: +SKIP
+    >>> step = make_ground_step(graphdef, state, new_ids, ground_optimizer(cfg.ground), tied=tied)  # doctest: +SKIP
+    >>> params, opt_state = step.init(params)  # doctest: +SKIP
+    >>> for s in range(cfg.ground.steps):  # doctest: +SKIP
+    ...     params, opt_state, metrics = step(params, opt_state, batcher.batch_at(s))
+    >>> state = join_new_rows(state, params, new_ids, tied=tied)  # fold back before export  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
+from gti_jax.train.config import GroundConfig
+from gti_jax.train.data import Batch
+from gti_jax.train.steps import (
+    _batch_shards,
+    _check_batch,
+    _Compiled,
+    accumulate_grads,
+    adamw_optimizer,
+    batch_sharding,
+    masked_lm_loss,
+    opt_state_shardings,
+    put_batch,
+    set_compute_dtype,
+)
+
+__all__ = [
+    "GroundError",
+    "GroundParams",
+    "GroundStep",
+    "eval_loss",
+    "ground_logits",
+    "ground_optimizer",
+    "join_new_rows",
+    "make_ground_step",
+    "split_new_rows",
+]
+
+EMBED_PATH = ("embed", "embedding")
+HEAD_PATH = ("lm_head", "kernel")
+
+
+class GroundError(ValueError):
+    """A grounding request that cannot be carried out (one line naming the fix)."""
+
+
+class GroundParams(NamedTuple):
+    """The trainable new rows (a pytree; float32).
+
+    Attributes:
+        embed: ``[N_new, D]`` input-embedding rows of the new tokens (for a tied model also
+            their output rows).
+        head: ``[N_new, D]`` output rows of an untied head (``lm_head.kernel[:, new_ids].T``),
+            or None for a tied model.
+    """
+
+    embed: jax.Array
+    head: jax.Array | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Rows in and out of the model state.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_ids(new_ids: range | Iterable[int]) -> tuple[int, int]:
+    ids = new_ids if isinstance(new_ids, range) else range(0)
+    if not isinstance(new_ids, range):
+        seq = [int(i) for i in new_ids]
+        if seq and seq == list(range(seq[0], seq[0] + len(seq))):
+            ids = range(seq[0], seq[0] + len(seq))
+        else:
+            raise GroundError(
+                "new_ids must be contiguous ids (a range, e.g. VocabPlan.new_ids); got "
+                f"{seq[:5]}{'...' if len(seq) > 5 else ''}"
+            )
+    if ids.step != 1 or len(ids) == 0:
+        raise GroundError(f"new_ids must be a non-empty range with step 1, got {new_ids}")
+    return ids.start, len(ids)
+
+
+def _node(state: Any, path: tuple[str, ...]) -> Any:
+    node = state
+    for k in path:
+        try:
+            node = node[k]
+        except (KeyError, TypeError, IndexError):
+            raise GroundError(
+                f"model state has no {'/'.join(path)}; pass nnx.state(model) of a gti_jax "
+                "Llama model (tied=True when it has no lm_head)"
+            ) from None
+    return node
+
+
+def _value(node: Any) -> jax.Array:
+    return node.get_value() if isinstance(node, nnx.Variable) else node
+
+
+def _replace(state: Any, path: tuple[str, ...], value: jax.Array) -> Any:
+    """A shallow copy of `state` with the leaf at `path` replaced (Variables keep metadata)."""
+    head, rest = path[0], path[1:]
+    if isinstance(state, nnx.State):
+        items = dict(state.items())
+        items[head] = _replace(items[head], rest, value) if rest else _set(items[head], value)
+        return nnx.State(items)
+    items = dict(state)
+    items[head] = _replace(items[head], rest, value) if rest else _set(items[head], value)
+    return type(state)(items) if isinstance(state, dict) else items
+
+
+def _set(node: Any, value: jax.Array) -> Any:
+    return node.replace(value) if isinstance(node, nnx.Variable) else value
+
+
+def _rows_sharding(table: Any) -> Any:
+    sharding = getattr(table, "sharding", None)
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def split_new_rows(model_state: Any, new_ids: range, *, tied: bool) -> GroundParams:
+    """Copies the new tokens' rows out of a model state into their own float32 arrays.
+
+    Args:
+        model_state: ``nnx.state(model)`` (or a nested dict with the same keys) of a gti_jax
+            Llama model: ``embed/embedding [V, D]`` and, untied, ``lm_head/kernel [D, V]``.
+        new_ids: the new tokens' ids, contiguous (``VocabPlan.new_ids``).
+        tied: whether the model ties its head to the embedding.
+
+    Returns:
+        :class:`GroundParams` with ``embed = table[new_ids]`` and, untied,
+        ``head = kernel[:, new_ids].T``.
+
+    Raises:
+        GroundError: ids not contiguous or out of the table, or a missing parameter.
+
+    Example:
+        >>> state = {"embed": {"embedding": jnp.arange(12.0).reshape(6, 2)}}
+        >>> split_new_rows(state, range(4, 6), tied=True).embed.tolist()
+        [[8.0, 9.0], [10.0, 11.0]]
+    """
+    start, n = _check_ids(new_ids)
+    table = _value(_node(model_state, EMBED_PATH))
+    if start + n > table.shape[0]:
+        raise GroundError(
+            f"new_ids {new_ids} exceed the embedding's {table.shape[0]} rows; resize the "
+            "vocabulary (gti_jax.vocab.resize_vocab) before grounding"
+        )
+    embed = jax.lax.dynamic_slice_in_dim(table, start, n, axis=0).astype(jnp.float32)
+    head = None
+    if not tied:
+        kernel = _value(_node(model_state, HEAD_PATH))
+        head = jax.lax.dynamic_slice_in_dim(kernel, start, n, axis=1).T.astype(jnp.float32)
+    return GroundParams(embed, head)
+
+
+def _update_raw(table, rows, start, axis):
+    if axis == 1:
+        rows = rows.T
+    idx = (start, 0) if axis == 0 else (0, start)
+    return jax.lax.dynamic_update_slice(table, rows.astype(table.dtype), idx)
+
+
+_update = jax.jit(_update_raw, static_argnames=("start", "axis"))
+
+
+def _update_rows(table: jax.Array, rows: jax.Array, start: int, axis: int) -> jax.Array:
+    sharding = _rows_sharding(table)
+    if sharding is None or isinstance(table, jax.core.Tracer):
+        return _update(table, rows, start, axis)
+    fn = jax.jit(_update_raw, static_argnames=("start", "axis"), out_shardings=sharding)
+    return fn(table, rows, start=start, axis=axis)
+
+
+def join_new_rows(model_state: Any, params: GroundParams, new_ids: range, *, tied: bool) -> Any:
+    """Writes trained rows back into a model state (pure; the input state is not modified).
+
+    Every other entry of the state is returned as it is (same arrays). The table keeps its
+    dtype and sharding; rows are cast to the table's dtype.
+
+    Args:
+        model_state: the frozen ``nnx.state(model)`` (or nested dict).
+        params: the rows (:func:`split_new_rows` layout).
+        new_ids: the new tokens' ids (contiguous).
+        tied: whether the model ties its head to the embedding.
+
+    Returns:
+        A new state of the same structure with ``embed/embedding[new_ids] = params.embed``
+        and, untied, ``lm_head/kernel[:, new_ids] = params.head.T``.
+
+    Example:
+        >>> state = {"embed": {"embedding": jnp.zeros((4, 2))}}
+        >>> out = join_new_rows(state, GroundParams(jnp.ones((1, 2))), range(3, 4), tied=True)
+        >>> out["embed"]["embedding"].sum(axis=1).tolist()
+        [0.0, 0.0, 0.0, 2.0]
+    """
+    start, n = _check_ids(new_ids)
+    if params.embed.shape[0] != n:
+        raise GroundError(f"params.embed has {params.embed.shape[0]} rows, new_ids {n}")
+    if tied != (params.head is None):
+        raise GroundError(
+            "params.head must be None for a tied model and set for an untied one; "
+            "make params with split_new_rows(..., tied=...) using the same tied flag"
+        )
+    table = _value(_node(model_state, EMBED_PATH))
+    out = _replace(model_state, EMBED_PATH, _update_rows(table, params.embed, start, 0))
+    if not tied:
+        kernel = _value(_node(model_state, HEAD_PATH))
+        out = _replace(out, HEAD_PATH, _update_rows(kernel, params.head, start, 1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass with the trainable rows substituted.
+# --------------------------------------------------------------------------------------------
+
+
+def ground_logits(
+    model: nnx.Module,
+    params: GroundParams,
+    start: int,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Logits of `model` with the new rows taken from `params` instead of the model's table.
+
+    Equal to ``model(input_ids)`` after ``join_new_rows``, but gradients reach only `params`
+    and are ``[N, D]``: new ids are embedded from ``params.embed``, and the new logit columns
+    are ``h @ params.embed.T`` (tied) or ``h @ params.head.T`` (untied).
+
+    Args:
+        model: the frozen model (a gti_jax Llama).
+        params: the trainable rows.
+        start: the first new id.
+        input_ids: ``[B, T]`` ids.
+        attention_mask: ``[B, T]`` 1/0, or None.
+
+    Returns:
+        ``[B, T, V]`` float32 logits.
+    """
+    n = params.embed.shape[0]
+    dtype = model.dtype
+    table = model.embed.embedding[...]
+    rel = input_ids - start
+    is_new = (rel >= 0) & (rel < n)
+    old = jnp.take(table, input_ids, axis=0).astype(dtype)
+    new = jnp.take(params.embed, jnp.clip(rel, 0, n - 1), axis=0).astype(dtype)
+    x = jnp.where(is_new[..., None], new, old)
+    h, _ = model.hidden_states(x, attention_mask=attention_mask)
+    logits = model.logits(h)
+    rows = params.embed if params.head is None else params.head
+    new_logits = jnp.einsum(
+        "btd,nd->btn", h.astype(dtype), rows.astype(dtype), preferred_element_type=jnp.float32
+    )
+    return jax.lax.dynamic_update_slice(logits, new_logits, (0, 0, start))
+
+
+def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype):
+    model = set_compute_dtype(nnx.merge(graphdef, frozen), compute_dtype)
+    logits = ground_logits(model, params, start, batch.input_ids, batch.attention_mask)
+    return masked_lm_loss(logits, batch.input_ids, batch.loss_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and step.
+# --------------------------------------------------------------------------------------------
+
+
+def ground_optimizer(
+    cfg: GroundConfig,
+    total_steps: int | None = None,
+    *,
+    schedule: Literal["cosine", "constant"] = "cosine",
+) -> optax.GradientTransformation:
+    """The grounding optimizer from ``ground.*``: clip by global norm, AdamW, warm-up + decay.
+
+    Weight decay (``ground.weight_decay``) touches only the new rows, since they are the only
+    parameters.
+
+    Args:
+        cfg: the ground section of the config (`lr`, `warmup_steps`, `weight_decay`,
+            `clip_norm`).
+        total_steps: steps of the stage; default ``cfg.steps``.
+        schedule: "cosine" (to 10% of the peak) or "constant" after the warm-up.
+
+    Returns:
+        The optax transformation.
+
+    Example:
+        >>> tx = ground_optimizer(GroundConfig(steps=50, lr=1e-2))
+        >>> state = tx.init(GroundParams(jnp.zeros((3, 4))))
+    """
+    return adamw_optimizer(
+        cfg.lr,
+        cfg.steps if total_steps is None else total_steps,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        clip_norm=cfg.clip_norm,
+        schedule=schedule,
+        decay_matrices_only=False,
+    )
+
+
+class GroundStep:
+    """A compiled grounding step; build it with :func:`make_ground_step`.
+
+    Call it as ``params, opt_state, metrics = step(params, opt_state, batch)``. The frozen
+    model state is held by the step and passed to the compiled function as an argument
+    (never a baked-in constant, never updated).
+
+    Attributes:
+        graphdef: the model's graph definition.
+        frozen_state: the frozen model state (placed on the mesh when there is one).
+        start: the first new id; `num_new`: the number of new ids.
+        tied: whether the head is the embedding.
+        traces: how many times the step was traced (compiled): once per batch shape.
+    """
+
+    def __init__(
+        self, graphdef, frozen_state, new_ids, tx, *, tied, compute_dtype, grad_accum, mesh, rules
+    ):
+        start, n = _check_ids(new_ids)
+        if grad_accum < 1:
+            raise GroundError(f"grad_accum must be >= 1, got {grad_accum}")
+        model = nnx.merge(graphdef, frozen_state)
+        if bool(model.config.tie_word_embeddings) != bool(tied):
+            raise GroundError(
+                f"tied={tied} but the model has tie_word_embeddings="
+                f"{model.config.tie_word_embeddings}; pass tied=model.config.tie_word_embeddings"
+            )
+        if start + n > model.num_rows:
+            raise GroundError(
+                f"new_ids {new_ids} exceed the embedding's {model.num_rows} rows; resize the "
+                "vocabulary before grounding"
+            )
+        self.graphdef, self.start, self.num_new, self.tied = graphdef, start, n, bool(tied)
+        self.tx, self.mesh, self.rules, self.grad_accum = tx, mesh, rules, int(grad_accum)
+        self.compute_dtype = compute_dtype
+        dim = model.config.hidden_size
+
+        def loss_fn(params, batch, key, frozen):
+            return _loss_sums(
+                graphdef, frozen, params, batch, start=start, compute_dtype=compute_dtype
+            )
+
+        def step(params, frozen, opt_state, batch):
+            f = lambda p, b, k: loss_fn(p, b, k, frozen)
+            loss, count, grads = accumulate_grads(f, params, batch, self.grad_accum)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
+            return params, opt_state, metrics
+
+        def evaluate(params, frozen, batch):
+            return loss_fn(params, batch, None, frozen)
+
+        if mesh is None:
+            self.frozen_state = frozen_state
+            self._param_sh = self._opt_sh = self._batch_sh = None
+            self._step = _Compiled(step, donate_argnums=(0, 2))
+            self._eval = _Compiled(evaluate)
+        else:
+            frozen_sh = state_shardings(frozen_state, mesh, rules)
+            self.frozen_state = jax.device_put(frozen_state, frozen_sh)
+            rows = NamedSharding(mesh, logical_to_spec((None, "embed"), rules, mesh, (n, dim)))
+            self._param_sh = GroundParams(rows, None if tied else rows)
+            abstract = GroundParams(
+                jax.ShapeDtypeStruct((n, dim), jnp.float32),
+                None if tied else jax.ShapeDtypeStruct((n, dim), jnp.float32),
+            )
+            self._opt_sh = opt_state_shardings(tx, abstract, self._param_sh, mesh)
+            self._batch_sh = batch_sharding(mesh, rules)
+            repl = NamedSharding(mesh, PartitionSpec())
+            batch_sh = Batch(self._batch_sh, self._batch_sh, self._batch_sh)
+            self._step = _Compiled(
+                step,
+                in_shardings=(self._param_sh, frozen_sh, self._opt_sh, batch_sh),
+                out_shardings=(self._param_sh, self._opt_sh, repl),
+                donate_argnums=(0, 2),
+            )
+            self._eval = _Compiled(
+                evaluate,
+                in_shardings=(self._param_sh, frozen_sh, batch_sh),
+                out_shardings=(repl, repl),
+            )
+        self._shards = _batch_shards(mesh, rules)
+
+    @property
+    def traces(self) -> int:
+        return self._step.traces
+
+    @property
+    def batch_sharding(self) -> NamedSharding | None:
+        return self._batch_sh
+
+    @property
+    def new_ids(self) -> range:
+        return range(self.start, self.start + self.num_new)
+
+    def init(self, params: GroundParams) -> tuple[GroundParams, Any]:
+        """Places `params` (float32; on the mesh when there is one) and inits the optimizer.
+
+        Returns:
+            ``(params, opt_state)``: moments ``[N, D]`` like the rows, nothing else.
+        """
+        # A copy: the step donates its inputs, the caller's arrays must survive.
+        params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
+        if params.embed.shape != (self.num_new, params.embed.shape[1]):
+            raise GroundError(f"params.embed must be [{self.num_new}, D], got {params.embed.shape}")
+        if self.tied != (params.head is None):
+            raise GroundError("params.head must be None exactly when the model is tied")
+        if self.mesh is None:
+            return params, self.tx.init(params)
+        params = jax.device_put(params, self._param_sh)
+        return params, jax.jit(self.tx.init, out_shardings=self._opt_sh)(params)
+
+    def __call__(
+        self, params: GroundParams, opt_state: Any, batch: Batch
+    ) -> tuple[GroundParams, Any, dict[str, jax.Array]]:
+        """One optimizer step on the new rows.
+
+        Args:
+            params: the rows (donated: do not reuse after the call).
+            opt_state: their optimizer state (donated).
+            batch: a :class:`~gti_jax.train.data.Batch` (this process's rows or global arrays).
+
+        Returns:
+            ``(params, opt_state, metrics)``; metrics: ``loss`` (mean per target token),
+            ``grad_norm`` (before clipping), ``tokens`` (targets in the batch).
+        """
+        _check_batch(batch, self.grad_accum, self._shards)
+        batch = put_batch(batch, self._batch_sh)
+        return self._step(params, self.frozen_state, opt_state, batch)
+
+    def loss(self, params: GroundParams, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """Evaluation sums ``(loss_sum, num_targets)`` on one batch."""
+        batch = put_batch(batch, self._batch_sh)
+        return self._eval(params, self.frozen_state, batch)
+
+
+def make_ground_step(
+    graphdef: Any,
+    frozen_state: Any,
+    new_ids: range,
+    tx: optax.GradientTransformation,
+    *,
+    tied: bool,
+    compute_dtype: Any = jnp.float32,
+    grad_accum: int = 1,
+    mesh: Mesh | None = None,
+    rules: Rules = LOGICAL_RULES,
+) -> GroundStep:
+    """Builds the compiled GTI step: only the new rows train, the model state stays frozen.
+
+    The forward pass uses the frozen model with the rows of `params` substituted for the new
+    ids (input embedding and output logits; see :func:`ground_logits`); the loss is the mean
+    next-token cross-entropy over loss-mask tokens, in float32, accumulated over `grad_accum`
+    micro-batches. Gradients, optimizer state and weight decay exist only for the
+    ``N_new x D`` rows (twice that for an untied head).
+
+    Args:
+        graphdef: from ``nnx.split(model)``.
+        frozen_state: the model state (``nnx.split(model)[1]``); the old values of the new rows
+            in it are ignored.
+        new_ids: the new tokens' ids (contiguous, e.g. ``VocabPlan.new_ids``).
+        tx: the optimizer (e.g. :func:`ground_optimizer`).
+        tied: whether the model ties its head to the embedding.
+        compute_dtype: the frozen backbone's matmul dtype; rows and optimizer stay float32.
+        grad_accum: micro-batches per optimizer step.
+        mesh: device mesh; None: one device. The model state is sharded by its logical axes,
+            the rows on their embedding dimension (rules' ``embed`` axis), the batch on rows.
+        rules: logical axis rules.
+
+    Returns:
+        A :class:`GroundStep`: ``params, opt_state = step.init(params)``, then
+        ``params, opt_state, metrics = step(params, opt_state, batch)``.
+
+    Raises:
+        GroundError: `tied` disagrees with the model, or `new_ids` are not contiguous rows of
+            the table.
+
+    Example:
+        >>> step = make_ground_step(graphdef, state, range(49152, 49168), tx, tied=True)  # doctest: +SKIP
+    """
+    return GroundStep(
+        graphdef,
+        frozen_state,
+        new_ids,
+        tx,
+        tied=tied,
+        compute_dtype=compute_dtype,
+        grad_accum=grad_accum,
+        mesh=mesh,
+        rules=rules,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "compute_dtype"))
+def _eval_sums(graphdef, frozen, params, batch, *, start, compute_dtype):
+    return _loss_sums(graphdef, frozen, params, batch, start=start, compute_dtype=compute_dtype)
+
+
+def eval_loss(
+    graphdef: Any,
+    frozen_state: Any,
+    params: GroundParams,
+    batches: Iterable[Batch],
+    new_ids: range,
+    *,
+    compute_dtype: Any = jnp.float32,
+) -> float:
+    """Mean next-token loss per target token over `batches`, with the rows of `params`.
+
+    Args:
+        graphdef: from ``nnx.split(model)``.
+        frozen_state: the model state.
+        params: the new rows.
+        batches: :class:`~gti_jax.train.data.Batch` es (numpy or jax arrays).
+        new_ids: the new tokens' ids.
+        compute_dtype: matmul dtype.
+
+    Returns:
+        ``sum(loss) / sum(targets)`` over all batches (a Python float; nan if no targets).
+
+    Example:
+        >>> eval_loss(graphdef, state, params, [batcher.batch_at(0)], new_ids)  # doctest: +SKIP
+        2.31
+    """
+    start, _ = _check_ids(new_ids)
+    dtype = jnp.dtype(compute_dtype).name
+    total, count = 0.0, 0.0
+    for batch in batches:
+        s, n = _eval_sums(
+            graphdef, frozen_state, params, put_batch(batch), start=start, compute_dtype=dtype
+        )
+        total, count = total + float(s), count + float(n)
+    return total / count if count else float("nan")

@@ -1,0 +1,598 @@
+"""Prompt/completion data for grounding and fine-tuning: reading, encoding, batching.
+
+Files (user-facing formats, see the README):
+
+* examples (pairs, sft, eval): JSONL, one ``{"prompt": "...", "completion": "..."}`` a line;
+* candidates (valid completions for constrained decoding): ``.txt`` with one completion a line,
+  or JSONL with one ``{"completion": "..."}`` a line.
+
+Encoding (:func:`encode_example`) renders the prompt as a user turn of the tokenizer's chat
+template (ending with the assistant header, exactly as :func:`encode_prompt` does for
+generation) and appends the completion and the end-of-turn token. The loss mask is 1 on the
+completion tokens and the end token only, so the model learns to produce the completion and to
+stop, never to reproduce the prompt.
+
+Batching (:class:`Batcher`) is a pure function of ``(seed, step)``: resuming a run needs only
+the step number. Each batch is right-padded to the smallest length bucket that fits its longest
+example, so a jitted step compiles once per bucket, not once per length.
+
+Example:
+    >>> from transformers import AutoTokenizer  # doctest: +SKIP
+    >>> ex = Example("Which city is the capital of France?", "<paris>")
+    >>> ids, mask = encode_example(tokenizer, ex, max_len=64)  # doctest: +SKIP
+    >>> batcher = Batcher([(ids, mask)] * 8, batch_size=4, seed=0)  # doctest: +SKIP
+    >>> batcher.batch_at(0).input_ids.shape  # doctest: +SKIP
+    (4, 64)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "Batch",
+    "Batcher",
+    "DataError",
+    "DataFileNotFoundError",
+    "Example",
+    "default_buckets",
+    "encode_example",
+    "encode_examples",
+    "encode_prompt",
+    "end_of_turn_id",
+    "read_candidates",
+    "read_examples",
+]
+
+Encoded = tuple[np.ndarray, np.ndarray]
+
+
+class DataError(ValueError):
+    """A bad data file or example; the message names the file/line, the problem and the fix."""
+
+
+class DataFileNotFoundError(FileNotFoundError):
+    """A data file does not exist."""
+
+
+class Example(NamedTuple):
+    """One training or evaluation example.
+
+    Attributes:
+        prompt: the input text (may contain new tokens, e.g. ``"What is <a_1><b_7>?"``).
+        completion: the target text the model learns to produce.
+    """
+
+    prompt: str
+    completion: str
+
+
+class Batch(NamedTuple):
+    """A padded batch (a pytree of arrays, usable as a jit argument).
+
+    Attributes:
+        input_ids: ``[B, T]`` int32 token ids, right-padded.
+        loss_mask: ``[B, T]`` float32; 1 where the token is a target (a completion token or
+            the end token). Position ``t`` is predicted from positions ``< t``.
+        attention_mask: ``[B, T]`` int32; 1 for real tokens, 0 for padding.
+    """
+
+    input_ids: Any
+    loss_mask: Any
+    attention_mask: Any
+
+
+# --------------------------------------------------------------------------------------------
+# Files.
+# --------------------------------------------------------------------------------------------
+
+
+def _read_lines(path: str | os.PathLike[str], what: str) -> tuple[str, list[str]]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataFileNotFoundError(f"{path}: {what} file not found; check the path")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: {what} file is empty; add one example a line")
+    return path, lines
+
+
+def _json_object(path: str, lineno: int, line: str, fix: str) -> dict[str, Any]:
+    where = f"{path}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg}); write one {fix} a line") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; write {fix}")
+    return obj
+
+
+def _string_field(obj: dict[str, Any], key: str, where: str) -> str:
+    if key not in obj:
+        raise DataError(f'{where}: missing "{key}" key; add "{key}": "..."')
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(
+            f'{where}: "{key}" must be a string, got {type(value).__name__}; write it as text'
+        )
+    return value
+
+
+def read_examples(path: str | os.PathLike[str]) -> list[Example]:
+    """Reads a JSONL file of ``{"prompt": ..., "completion": ...}`` objects (blank lines skipped).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The examples in file order.
+
+    Raises:
+        DataFileNotFoundError: no file at `path`.
+        DataError: an empty file or a malformed line (``file:line: problem; fix``), or an
+            empty completion.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "pairs.jsonl"
+        >>> _ = p.write_text('{"prompt": "Capital of France?", "completion": "<paris>"}\\n')
+        >>> read_examples(p)
+        [Example(prompt='Capital of France?', completion='<paris>')]
+    """
+    path, lines = _read_lines(path, "examples")
+    fix = '{"prompt": "...", "completion": "..."} object'
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        obj = _json_object(path, lineno, line, fix)
+        where = f"{path}:{lineno}"
+        prompt = _string_field(obj, "prompt", where)
+        completion = _string_field(obj, "completion", where)
+        if not completion:
+            raise DataError(f'{where}: "completion" is empty; give the text to learn')
+        out.append(Example(prompt, completion))
+    return out
+
+
+def read_candidates(path: str | os.PathLike[str]) -> list[str]:
+    """Reads valid completions: ``.txt`` one a line, or ``.jsonl`` with ``{"completion": ...}``.
+
+    Blank lines are skipped; ``.txt`` lines are taken as written (only the line break is
+    removed). Duplicates are dropped, first occurrence kept.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The distinct completions in file order.
+
+    Raises:
+        DataFileNotFoundError: no file at `path`.
+        DataError: unknown extension, empty file, or a malformed line.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "candidates.txt"
+        >>> _ = p.write_text("<a_1><b_2>\\n<a_3><b_4>\\n<a_1><b_2>\\n")
+        >>> read_candidates(p)
+        ['<a_1><b_2>', '<a_3><b_4>']
+    """
+    text_path = os.fspath(path)
+    ext = os.path.splitext(text_path)[1].lower()
+    if ext not in (".txt", ".jsonl"):
+        raise DataError(
+            f"{text_path}: unknown candidates file extension {ext!r}; use .txt (one completion "
+            'a line) or .jsonl (one {"completion": ...} a line)'
+        )
+    path, lines = _read_lines(path, "candidates")
+    seen: dict[str, None] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if ext == ".txt":
+            seen.setdefault(line)
+        else:
+            obj = _json_object(path, lineno, line, '{"completion": "..."} object')
+            seen.setdefault(_string_field(obj, "completion", f"{path}:{lineno}"))
+    return list(seen)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding.
+# --------------------------------------------------------------------------------------------
+
+
+def _use_template(tokenizer: Any, chat_template: bool) -> bool:
+    return bool(chat_template) and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    msgs = [] if system is None else [{"role": "system", "content": system}]
+    return [*msgs, {"role": "user", "content": prompt}]
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError(
+            "the tokenizer has no eos token; set tokenizer.eos_token so completions can end"
+        )
+    return int(eos)
+
+
+def end_of_turn_id(tokenizer: Any, *, chat_template: bool = True) -> int:
+    """The token that ends an assistant turn: what a completion is followed by in training.
+
+    With a chat template, it is the first special token the template writes after the
+    assistant's text (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3); without one, or
+    when the template writes none, the tokenizer's eos.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        chat_template: whether prompts are rendered with the chat template.
+
+    Returns:
+        The token id.
+
+    Example:
+        >>> end_of_turn_id(tokenizer)  # doctest: +SKIP
+        2
+    """
+    if not _use_template(tokenizer, chat_template):
+        return _eos_id(tokenizer)
+    sentinel = "GTIJAXSENTINEL"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": sentinel}],
+        tokenize=False,
+    )
+    tail = text.split(sentinel, 1)[1] if sentinel in text else ""
+    special = sorted(getattr(tokenizer, "all_special_tokens", []) or [], key=len, reverse=True)
+    tail = tail.lstrip()
+    for tok in special:
+        if tok and tail.startswith(tok):
+            return int(tokenizer.convert_tokens_to_ids(tok))
+    return _eos_id(tokenizer)
+
+
+def encode_prompt(
+    tokenizer: Any,
+    prompt: str,
+    *,
+    chat_template: bool = True,
+    system: str | None = None,
+    max_len: int | None = None,
+) -> np.ndarray:
+    """Token ids of a prompt as the model sees it before the completion (for generation).
+
+    With a chat template (and `chat_template`), the prompt is a user turn (after an optional
+    system turn) followed by the assistant header (``add_generation_prompt=True``); otherwise
+    it is the prompt encoded with the tokenizer's special tokens (e.g. bos). The result is
+    exactly the prefix :func:`encode_example` trains on.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt: the prompt text.
+        chat_template: use the tokenizer's chat template when it has one.
+        system: an optional system message.
+        max_len: keep at most the last `max_len` tokens (left truncation).
+
+    Returns:
+        ``[T]`` int32 ids.
+
+    Example:
+        >>> encode_prompt(tokenizer, "Capital of France?").dtype  # doctest: +SKIP
+        dtype('int32')
+    """
+    if _use_template(tokenizer, chat_template):
+        text = tokenizer.apply_chat_template(
+            _messages(prompt, system), tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        if system is not None:
+            prompt = f"{system}\n{prompt}"
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    ids = np.asarray(ids, np.int32)
+    if max_len is not None and len(ids) > max_len:
+        ids = ids[len(ids) - max_len :]
+    return ids
+
+
+def _encode(
+    tokenizer: Any,
+    ex: Example,
+    *,
+    max_len: int,
+    chat_template: bool,
+    system: str | None,
+    end_id: int,
+    where: str,
+) -> Encoded:
+    prompt = encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system=system)
+    completion = tokenizer.encode(ex.completion, add_special_tokens=False) + [end_id]
+    n_c = len(completion)
+    if n_c + 1 > max_len:
+        raise DataError(
+            f"{where}: the completion has {n_c} tokens (with the end token) but max_len is "
+            f"{max_len}, which must leave room for at least one prompt token; raise max_len "
+            f"(data.max_len) to at least {n_c + 1} or shorten the completion"
+        )
+    keep = max_len - n_c
+    if len(prompt) > keep:
+        prompt = prompt[len(prompt) - keep :]
+    ids = np.concatenate([prompt, np.asarray(completion, np.int32)]).astype(np.int32)
+    mask = np.zeros(len(ids), np.float32)
+    mask[len(prompt) :] = 1.0
+    return ids, mask
+
+
+def encode_example(
+    tokenizer: Any,
+    ex: Example,
+    *,
+    max_len: int,
+    chat_template: bool = True,
+    system: str | None = None,
+) -> Encoded:
+    """Encodes one example into token ids and a loss mask.
+
+    The ids are ``encode_prompt(prompt) + encode(completion) + [end]``, where `end` is
+    :func:`end_of_turn_id` (``<|im_end|>`` for ChatML templates, the eos otherwise). The
+    loss mask is 1 on the completion tokens and the end token, 0 on the prompt. When the
+    total exceeds `max_len`, the prompt is cut from the left; the completion never is.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        ex: the example.
+        max_len: the longest allowed sequence.
+        chat_template: render the prompt with the tokenizer's chat template when it has one.
+        system: an optional system message.
+
+    Returns:
+        ``(ids [T] int32, loss_mask [T] float32)`` with ``T <= max_len``.
+
+    Raises:
+        DataError: the completion alone (plus one prompt token) does not fit in `max_len`.
+
+    Example:
+        >>> ids, mask = encode_example(tokenizer, Example("Hi?", "Hello"), max_len=32)  # doctest: +SKIP
+        >>> int(mask.sum()) == len(tokenizer.encode("Hello", add_special_tokens=False)) + 1  # doctest: +SKIP
+        True
+    """
+    end = end_of_turn_id(tokenizer, chat_template=chat_template)
+    return _encode(
+        tokenizer,
+        Example(*ex),
+        max_len=max_len,
+        chat_template=chat_template,
+        system=system,
+        end_id=end,
+        where="example",
+    )
+
+
+def encode_examples(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_len: int,
+    chat_template: bool = True,
+    system: str | None = None,
+    source: str = "examples",
+) -> list[Encoded]:
+    """Encodes many examples (:func:`encode_example` on each, the end token looked up once).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        examples: the examples.
+        max_len: the longest allowed sequence.
+        chat_template: see :func:`encode_example`.
+        system: an optional system message.
+        source: a name used in error messages (e.g. the file path).
+
+    Returns:
+        One ``(ids, loss_mask)`` pair per example.
+
+    Raises:
+        DataError: an example's completion does not fit (the message names its index).
+
+    Example:
+        >>> encoded = encode_examples(tok, read_examples("pairs.jsonl"), max_len=128)  # doctest: +SKIP
+    """
+    end = end_of_turn_id(tokenizer, chat_template=chat_template)
+    return [
+        _encode(
+            tokenizer,
+            Example(*ex),
+            max_len=max_len,
+            chat_template=chat_template,
+            system=system,
+            end_id=end,
+            where=f"{source} example {i + 1}",
+        )
+        for i, ex in enumerate(examples)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Batching.
+# --------------------------------------------------------------------------------------------
+
+
+def default_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Sequence-length buckets: powers of two from `smallest` below `max_len`, then `max_len`.
+
+    Example:
+        >>> default_buckets(300)
+        (64, 128, 256, 300)
+        >>> default_buckets(40)
+        (40,)
+    """
+    out = []
+    b = smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    out.append(int(max_len))
+    return tuple(out)
+
+
+class Batcher:
+    """Deterministic, resumable batches of encoded examples, bucketed by length.
+
+    Example order: the global example stream is epoch after epoch, each epoch a permutation of
+    all examples drawn from ``(seed, epoch)``. Global step `s` takes stream positions
+    ``[s * B, (s + 1) * B)`` (crossing epoch boundaries seamlessly), so :meth:`batch_at` is a
+    pure function of `(seed, step)` and resuming needs only the step number.
+
+    Shapes: the batch length ``T`` is the smallest bucket that fits the longest example of the
+    *global* batch (every process agrees on it); rows are right-padded with `pad_id`.
+
+    Multi-process: process `i` of `n` gets rows ``[i * B/n, (i + 1) * B/n)`` of the global
+    batch; together the processes cover it exactly.
+
+    Args:
+        examples: encoded examples, ``(ids [T_i], loss_mask [T_i])`` pairs.
+        batch_size: the global batch size ``B``.
+        seed: the seed of the permutations.
+        buckets: ascending allowed lengths; default :func:`default_buckets` of `max_len`.
+        max_len: the longest allowed example; default: the longest given.
+        pad_id: id used for padding (masked out everywhere).
+        process_index: this process's index.
+        process_count: the number of processes; must divide `batch_size`.
+
+    Raises:
+        DataError: no examples, a bad batch size, or an example longer than the largest bucket.
+
+    Example:
+        >>> ex = [(np.arange(1, n + 1, dtype=np.int32), np.ones(n, np.float32)) for n in (3, 5, 9)]
+        >>> b = Batcher(ex, batch_size=2, seed=0, buckets=(4, 8, 16))
+        >>> b.batch_at(7).input_ids.shape[0], b.batch_at(7).input_ids.shape[1] in (4, 8, 16)
+        (2, True)
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Encoded],
+        *,
+        batch_size: int,
+        seed: int,
+        buckets: Sequence[int] | None = None,
+        max_len: int | None = None,
+        pad_id: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if len(examples) == 0:
+            raise DataError("no examples to batch; check the data file")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise DataError(
+                f"process_index {process_index} must be in [0, process_count={process_count})"
+            )
+        if batch_size % process_count:
+            raise DataError(
+                f"batch_size {batch_size} must be divisible by the number of processes "
+                f"({process_count}); pick a multiple of {process_count}"
+            )
+        self._ids = [np.asarray(ids, np.int32) for ids, _ in examples]
+        self._masks = [np.asarray(m, np.float32) for _, m in examples]
+        for i, (ids, m) in enumerate(zip(self._ids, self._masks, strict=True)):
+            if ids.ndim != 1 or ids.shape != m.shape:
+                raise DataError(
+                    f"example {i}: ids and loss_mask must be 1-D of the same length, got "
+                    f"{ids.shape} and {m.shape}"
+                )
+        self._lengths = np.asarray([len(x) for x in self._ids], np.int64)
+        longest = int(self._lengths.max())
+        max_len = longest if max_len is None else int(max_len)
+        self.buckets = tuple(int(b) for b in (buckets or default_buckets(max_len)))
+        if list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise DataError(f"buckets must be ascending positive lengths, got {self.buckets}")
+        if longest > self.buckets[-1]:
+            i = int(self._lengths.argmax())
+            raise DataError(
+                f"example {i} has {longest} tokens, more than the largest bucket "
+                f"{self.buckets[-1]}; raise max_len or encode with a smaller max_len"
+            )
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.pad_id = int(pad_id)
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._ids)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows this process gets per batch (``batch_size / process_count``)."""
+        return self.batch_size // self.process_count
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Steps per pass over the data (may be fractional)."""
+        return self.num_examples / self.batch_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:  # a small cache of pure results: recent epochs only
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[epoch] = perm
+        return perm
+
+    def indices_at(self, step: int) -> np.ndarray:
+        """The example indices of the global batch at `step` (``[B]``)."""
+        if step < 0:
+            raise DataError(f"step must be >= 0, got {step}")
+        n = self.num_examples
+        pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(pos, n)
+        out = np.empty(self.batch_size, np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._permutation(int(e))[offsets[sel]]
+        return out
+
+    def bucket_for(self, length: int) -> int:
+        """The smallest bucket that holds `length` tokens."""
+        for b in self.buckets:
+            if length <= b:
+                return b
+        raise DataError(f"length {length} exceeds the largest bucket {self.buckets[-1]}")
+
+    def batch_at(self, step: int) -> Batch:
+        """This process's slice of the global batch at `step` (numpy arrays).
+
+        Args:
+            step: the global step (0-based).
+
+        Returns:
+            A :class:`Batch` with ``[B / process_count, T]`` arrays.
+        """
+        idx = self.indices_at(step)
+        t = self.bucket_for(int(self._lengths[idx].max()))
+        lo = self.process_index * self.local_batch_size
+        local = idx[lo : lo + self.local_batch_size]
+        ids = np.full((len(local), t), self.pad_id, np.int32)
+        mask = np.zeros((len(local), t), np.float32)
+        attn = np.zeros((len(local), t), np.int32)
+        for row, i in enumerate(local):
+            n = self._lengths[i]
+            ids[row, :n] = self._ids[i]
+            mask[row, :n] = self._masks[i]
+            attn[row, :n] = 1
+        return Batch(ids, mask, attn)

@@ -1,0 +1,651 @@
+"""Jitted training steps: the masked LM loss, gradient accumulation, optimizers, SFT steps.
+
+The supervised fine-tuning (SFT) step trains either every parameter (full fine-tune) or the
+LoRA factors plus the embedding (and an untied head), as in the GTI paper's appendix. The
+model is split once into a *trainable* and a *frozen* `nnx.State`; gradients and optimizer
+state exist only for the trainable part, and the frozen part is an argument of the compiled
+step that is never updated (nor copied).
+
+Both stages (this SFT step and the grounding step of `gti_jax.ground`) share:
+
+* :func:`masked_lm_loss`: next-token cross-entropy in float32 over the loss-mask tokens,
+  returned as ``(sum, count)`` so that micro-batches and devices combine exactly;
+* :func:`accumulate_grads`: gradient accumulation over ``grad_accum`` micro-batches with a
+  `lax.scan` (one compiled body), normalized by the token count of the whole batch;
+* :func:`lr_schedule`: linear warm-up then cosine decay (or constant);
+* placement: with a mesh, parameters are sharded by the model's logical axis names
+  (`gti_jax.models.sharding.state_shardings`), optimizer moments like their parameters, the
+  batch on its batch dimension over the rules' ``batch`` axes (``("data", "fsdp")``), and the
+  compiled step keeps every sharding (jit ``in_shardings``/``out_shardings``).
+
+Example:
+    >>> tx = sft_optimizer(SFTConfig(steps=10))
+    >>> sft = make_sft_step(model, tx, lora=False)  # doctest: +SKIP
+    >>> state = sft.init(model)  # doctest: +SKIP
+    >>> state, metrics = sft(state, batcher.batch_at(0))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
+from gti_jax.train.config import SFTConfig
+from gti_jax.train.data import Batch
+
+__all__ = [
+    "SFTState",
+    "SFTStep",
+    "StepError",
+    "accumulate_grads",
+    "adamw_optimizer",
+    "batch_sharding",
+    "current_lr",
+    "lr_schedule",
+    "make_sft_step",
+    "masked_lm_loss",
+    "opt_state_shardings",
+    "put_batch",
+    "set_compute_dtype",
+    "sft_optimizer",
+    "trainable_filter",
+]
+
+Metrics = dict[str, jax.Array]
+
+
+class StepError(ValueError):
+    """A training step cannot be built or run as asked (one line naming the fix)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and gradients.
+# --------------------------------------------------------------------------------------------
+
+
+def masked_lm_loss(
+    logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over target tokens, in float32.
+
+    Position ``t`` of `logits` predicts token ``t + 1``; token ``t + 1`` counts when
+    ``loss_mask[:, t + 1]`` is set.
+
+    Args:
+        logits: ``[B, T, V]`` logits.
+        input_ids: ``[B, T]`` token ids.
+        loss_mask: ``[B, T]`` weights (1 on targets).
+
+    Returns:
+        ``(loss_sum, num_targets)``, float32 scalars; the mean is their ratio.
+
+    Example:
+        >>> logits = jnp.zeros((1, 3, 4))
+        >>> s, n = masked_lm_loss(logits, jnp.array([[0, 1, 2]]), jnp.array([[0., 1., 1.]]))
+        >>> round(float(s / n), 4), float(n)  # uniform over 4 classes: log 4
+        (1.3863, 2.0)
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum((lse - picked) * weights), jnp.sum(weights)
+
+
+def accumulate_grads(
+    loss_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    params: Any,
+    batch: Any,
+    grad_accum: int = 1,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, Any]:
+    """Gradients of a summed loss over `grad_accum` micro-batches, normalized per target token.
+
+    The batch (every leaf ``[B, ...]``) is split into micro-batches of rows ``a, a + A,
+    a + 2A, ...`` (strided, so a batch sharded on rows stays balanced), the summed loss and
+    its gradient are accumulated with `lax.scan`, and both are divided by the number of target
+    tokens in the whole batch: the result equals the one-shot gradient of the mean loss.
+
+    Args:
+        loss_fn: ``(params, micro_batch, key) -> (loss_sum, num_targets)``.
+        params: the differentiated pytree.
+        batch: a pytree of ``[B, ...]`` arrays.
+        grad_accum: number of micro-batches ``A`` (must divide ``B``).
+        key: optional PRNG key; micro-batch ``a`` gets ``split(key, A)[a]``.
+
+    Returns:
+        ``(mean_loss, num_targets, grads)``.
+
+    Example:
+        >>> f = lambda p, b, k: (jnp.sum(p * b), jnp.float32(b.size))
+        >>> loss, n, g = accumulate_grads(f, jnp.float32(2.0), jnp.ones(4), grad_accum=2)
+        >>> float(loss), float(n), float(g)
+        (2.0, 4.0, 1.0)
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (total, count), grads = grad_fn(params, batch, key)
+    else:
+
+        def split(x):
+            return x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+
+        micro = jax.tree.map(split, batch)
+        keys = None if key is None else jax.random.split(key, grad_accum)
+
+        def body(carry, xs):
+            mb, k = xs
+            (s, n), g = grad_fn(params, mb, k)
+            total, count, acc = carry
+            return (total + s, count + n, jax.tree.map(jnp.add, acc, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (jnp.float32(0), jnp.float32(0), zeros)
+        (total, count, grads), _ = jax.lax.scan(body, init, (micro, keys))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
+    return total / denom, count, grads
+
+
+def set_compute_dtype(model: nnx.Module, dtype: Any) -> nnx.Module:
+    """Sets the compute dtype of every submodule that has one (in place; returns `model`).
+
+    Use on a freshly merged model inside a step: parameters keep their dtype, matmuls run in
+    `dtype`, logits stay float32.
+    """
+    if dtype is None:
+        return model
+    dtype = jnp.dtype(dtype).type
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "dtype"):
+            module.dtype = dtype
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers.
+# --------------------------------------------------------------------------------------------
+
+
+def lr_schedule(
+    peak: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    *,
+    kind: Literal["cosine", "constant"] = "cosine",
+    end_ratio: float = 0.1,
+) -> optax.Schedule:
+    """Linear warm-up to `peak`, then cosine decay to ``end_ratio * peak`` (or constant).
+
+    Warm-up step ``s < warmup_steps`` uses ``peak * (s + 1) / (warmup_steps + 1)`` (never 0,
+    so no step is wasted); the cosine runs from the end of the warm-up to `total_steps`.
+
+    Args:
+        peak: the peak learning rate.
+        total_steps: optimizer steps of the stage.
+        warmup_steps: warm-up steps.
+        kind: "cosine" or "constant" after the warm-up.
+        end_ratio: final learning rate as a fraction of the peak (cosine).
+
+    Returns:
+        An optax schedule ``step -> learning rate``.
+
+    Example:
+        >>> f = lr_schedule(1.0, 10, 1)
+        >>> float(f(0)), float(f(1)), round(float(f(10)), 3)
+        (0.5, 1.0, 0.1)
+    """
+    if kind not in ("cosine", "constant"):
+        raise StepError(f"schedule kind must be 'cosine' or 'constant', got {kind!r}")
+    total = max(int(total_steps), 1)
+    warm = max(int(warmup_steps), 0)
+    end = peak * end_ratio
+
+    def schedule(count):
+        c = jnp.asarray(count, jnp.float32)
+        ramp = peak * (c + 1.0) / (warm + 1.0)
+        if kind == "constant":
+            after = jnp.float32(peak)
+        else:
+            progress = jnp.clip((c - warm) / max(total - warm, 1), 0.0, 1.0)
+            after = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return jnp.where(c < warm, ramp, after)
+
+    return schedule
+
+
+def adamw_optimizer(
+    lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    schedule: Literal["cosine", "constant"] = "cosine",
+    decay_matrices_only: bool = True,
+) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` (optional) then AdamW with :func:`lr_schedule`.
+
+    Args:
+        lr: peak learning rate.
+        total_steps: steps of the stage (for the cosine).
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW decoupled weight decay.
+        clip_norm: clip gradients to this global norm; None: no clipping.
+        schedule: "cosine" or "constant".
+        decay_matrices_only: apply weight decay to parameters with >= 2 dims only (not to
+            norm scales and biases).
+
+    Returns:
+        The optax transformation.
+
+    Example:
+        >>> tx = adamw_optimizer(1e-3, 100, warmup_steps=10, clip_norm=1.0)
+        >>> state = tx.init({"w": jnp.zeros((2, 2))})
+    """
+    mask = (lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p)) if decay_matrices_only else None
+    # inject_hyperparams keeps the learning rate of the last update in the state
+    # (`opt_state[...].hyperparams["learning_rate"]`, see `current_lr`) for logging.
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=lr_schedule(lr, total_steps, warmup_steps, kind=schedule),
+        weight_decay=weight_decay,
+        mask=mask if weight_decay else None,
+    )
+    if clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+def current_lr(opt_state: Any) -> float:
+    """The learning rate of the last update of an optimizer from :func:`adamw_optimizer`.
+
+    Example:
+        >>> tx = adamw_optimizer(1.0, 10, warmup_steps=1)
+        >>> current_lr(tx.init({"w": jnp.zeros(2)}))  # before any update: the step-0 rate
+        0.5
+    """
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
+        if hasattr(node, "hyperparams") and "learning_rate" in node.hyperparams:
+            return float(node.hyperparams["learning_rate"])
+    return float("nan")
+
+
+def sft_optimizer(
+    cfg: SFTConfig,
+    total_steps: int | None = None,
+    *,
+    schedule: Literal["cosine", "constant"] = "cosine",
+) -> optax.GradientTransformation:
+    """The fine-tuning optimizer from the ``sft.*`` config: clip, AdamW, warm-up + cosine.
+
+    Args:
+        cfg: the SFT section of the config (`lr`, `warmup_steps`, `weight_decay`,
+            `clip_norm`).
+        total_steps: steps of the stage; default ``cfg.steps``.
+        schedule: "cosine" or "constant" after the warm-up.
+
+    Returns:
+        The optax transformation (weight decay on matrices only).
+
+    Example:
+        >>> tx = sft_optimizer(SFTConfig(steps=100, lr=1e-4))
+    """
+    return adamw_optimizer(
+        cfg.lr,
+        cfg.steps if total_steps is None else total_steps,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        clip_norm=cfg.clip_norm,
+        schedule=schedule,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Placement.
+# --------------------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
+    """The sharding of ``[B, T]`` batch arrays: rows over the rules' ``batch`` mesh axes.
+
+    Example:
+        >>> from gti_jax.models.sharding import make_mesh
+        >>> batch_sharding(make_mesh({"data": 1}, devices=jax.devices()[:1])).spec
+        P(None, None)
+    """
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules, mesh))
+
+
+def _batch_shards(mesh: Mesh | None, rules: Rules) -> int:
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("batch", "seq"), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def put_batch(batch: Batch, sharding: NamedSharding | None = None) -> Batch:
+    """Places a batch for a step: numpy rows of this process -> one global array per field.
+
+    With a sharding, each process passes its own rows (``Batcher.batch_at`` slices) and gets
+    global ``[B, T]`` arrays (`jax.make_array_from_process_local_data`); on one process this
+    is a plain sharded `device_put`. Arrays that are already `jax.Array`s pass through.
+
+    Args:
+        batch: a :class:`~gti_jax.train.data.Batch` of numpy (or jax) arrays.
+        sharding: the batch sharding (:func:`batch_sharding`), or None for the default device.
+
+    Returns:
+        The batch of `jax.Array`s.
+
+    Example:
+        >>> b = put_batch(Batch(np.zeros((2, 4), np.int32), np.zeros((2, 4), np.float32),
+        ...                     np.ones((2, 4), np.int32)))
+        >>> b.input_ids.shape
+        (2, 4)
+    """
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        if sharding is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return Batch(*(one(x) for x in batch))
+
+
+def opt_state_shardings(
+    tx: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
+    """Shardings of ``tx.init(params)``: moments like their parameters, the rest replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+
+
+class _Compiled:
+    """A jitted function with an optional mesh placement and a trace counter."""
+
+    def __init__(self, fn, *, in_shardings=None, out_shardings=None, donate_argnums=()):
+        self.traces = 0
+
+        def counted(*args):
+            self.traces += 1
+            return fn(*args)
+
+        kw: dict[str, Any] = {"donate_argnums": donate_argnums}
+        if in_shardings is not None:
+            kw.update(in_shardings=in_shardings, out_shardings=out_shardings)
+        self.fn = jax.jit(counted, **kw)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _check_batch(batch: Batch, grad_accum: int, shards: int) -> None:
+    b = np.shape(batch.input_ids)[0]
+    if b % grad_accum:
+        raise StepError(
+            f"batch of {b} rows is not divisible by grad_accum={grad_accum}; make batch_size "
+            "a multiple of grad_accum"
+        )
+    if b % shards:
+        raise StepError(
+            f"batch of {b} rows does not divide over the {shards} batch shards of the mesh; "
+            f"make batch_size a multiple of {shards}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised fine-tuning.
+# --------------------------------------------------------------------------------------------
+
+
+class SFTState(NamedTuple):
+    """The state of a fine-tuning run (a pytree; checkpoint it whole).
+
+    Attributes:
+        trainable: `nnx.State` of the trained variables (all params, or LoRA + embed + head).
+        frozen: `nnx.State` of everything else (never updated by the step).
+        opt_state: the optimizer state of `trainable`.
+    """
+
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+
+
+def _has_lora(model: nnx.Module) -> bool:
+    from gti_jax.train.lora import LoRAParam
+
+    return any(isinstance(v, LoRAParam) for _, v in nnx.iter_graph(model))
+
+
+def _active_dropout(model: nnx.Module) -> bool:
+    from gti_jax.train.lora import LoRA
+
+    return any(isinstance(m, LoRA) and m.dropout > 0 for _, m in nnx.iter_modules(model))
+
+
+def _train_mode(model: nnx.Module, key: jax.Array) -> None:
+    from gti_jax.train.lora import set_dropout_keys
+
+    set_dropout_keys(model, key)
+
+
+def trainable_filter(lora: bool) -> nnx.filterlib.Filter:
+    """What trains: every `nnx.Param` (full), or LoRA factors + embedding + untied head."""
+    if not lora:
+        return nnx.Param
+    from gti_jax.train.lora import LoRAParam
+
+    return nnx.All(
+        nnx.Param, nnx.Any(LoRAParam, nnx.PathContains("embed"), nnx.PathContains("lm_head"))
+    )
+
+
+class SFTStep:
+    """A compiled fine-tuning step; build it with :func:`make_sft_step`.
+
+    Attributes:
+        graphdef: the model's graph definition (``nnx.merge(graphdef, trainable, frozen)``).
+        lora: whether only LoRA factors, the embedding and the head train.
+        mesh: the mesh, or None (single device).
+    """
+
+    def __init__(self, model, tx, *, lora, compute_dtype, grad_accum, mesh, rules):
+        if grad_accum < 1:
+            raise StepError(f"grad_accum must be >= 1, got {grad_accum}")
+        if lora and not _has_lora(model):
+            raise StepError(
+                "lora=True but the model has no LoRA adapters; call "
+                "gti_jax.train.lora.apply_lora(model, ...) first"
+            )
+        self.lora = lora
+        self.tx = tx
+        self.mesh = mesh
+        self.rules = rules
+        self.grad_accum = int(grad_accum)
+        self.compute_dtype = compute_dtype
+        self.dropout = _active_dropout(model)
+        self._filter = trainable_filter(lora)
+        self.graphdef, trainable, frozen = nnx.split(model, self._filter, ...)
+        if not jax.tree.leaves(trainable):
+            raise StepError("the model has no trainable parameters")
+        graphdef = self.graphdef
+        dropout = self.dropout
+
+        def loss_sums(trainable, frozen, batch, key, train):
+            model = nnx.merge(graphdef, trainable, frozen)
+            set_compute_dtype(model, compute_dtype)
+            if train and dropout:
+                _train_mode(model, key)
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+            return masked_lm_loss(logits, batch.input_ids, batch.loss_mask)
+
+        def step(trainable, frozen, opt_state, batch, key):
+            f = lambda p, b, k: loss_sums(p, frozen, b, k, True)
+            loss, count, grads = accumulate_grads(f, trainable, batch, self.grad_accum, key)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
+            return trainable, opt_state, metrics
+
+        def evaluate(trainable, frozen, batch):
+            return loss_sums(trainable, frozen, batch, None, False)
+
+        if mesh is None:
+            self._param_sh = self._frozen_sh = self._opt_sh = self._batch_sh = None
+            self._step = _Compiled(step, donate_argnums=(0, 2))
+            self._eval = _Compiled(evaluate)
+        else:
+            self._param_sh = state_shardings(trainable, mesh, rules)
+            self._frozen_sh = state_shardings(frozen, mesh, rules)
+            self._opt_sh = opt_state_shardings(tx, trainable, self._param_sh, mesh)
+            self._batch_sh = batch_sharding(mesh, rules)
+            repl = NamedSharding(mesh, PartitionSpec())
+            batch_sh = Batch(self._batch_sh, self._batch_sh, self._batch_sh)
+            self._step = _Compiled(
+                step,
+                in_shardings=(self._param_sh, self._frozen_sh, self._opt_sh, batch_sh, repl),
+                out_shardings=(self._param_sh, self._opt_sh, repl),
+                donate_argnums=(0, 2),
+            )
+            self._eval = _Compiled(
+                evaluate,
+                in_shardings=(self._param_sh, self._frozen_sh, batch_sh),
+                out_shardings=(repl, repl),
+            )
+        self._shards = _batch_shards(mesh, rules)
+
+    @property
+    def traces(self) -> int:
+        """How many times the step was traced (compiled): once per batch shape."""
+        return self._step.traces
+
+    @property
+    def batch_sharding(self) -> NamedSharding | None:
+        return self._batch_sh
+
+    def init(self, model: nnx.Module) -> SFTState:
+        """Splits `model` (same structure as at build time), places it, and inits the optimizer.
+
+        Args:
+            model: the model to fine-tune (after `apply_lora` for LoRA).
+
+        Returns:
+            The initial :class:`SFTState`, sharded on the mesh when there is one.
+        """
+        _, trainable, frozen = nnx.split(model, self._filter, ...)
+        # A copy: the step donates the trainable buffers, the model's arrays must survive.
+        trainable = jax.tree.map(jnp.copy, trainable)
+        if self.mesh is None:
+            return SFTState(trainable, frozen, self.tx.init(trainable))
+        trainable = jax.device_put(trainable, self._param_sh)
+        frozen = jax.device_put(frozen, self._frozen_sh)
+        opt_state = jax.jit(self.tx.init, out_shardings=self._opt_sh)(trainable)
+        return SFTState(trainable, frozen, opt_state)
+
+    def __call__(
+        self, state: SFTState, batch: Batch, key: jax.Array | None = None
+    ) -> tuple[SFTState, Metrics]:
+        """One optimizer step.
+
+        Args:
+            state: the current state (its `trainable` and `opt_state` buffers are donated:
+                do not use them after the call).
+            batch: a :class:`~gti_jax.train.data.Batch` (this process's numpy rows, or
+                global jax arrays).
+            key: PRNG key for LoRA dropout; pass a fresh one each step (e.g.
+                ``jax.random.fold_in(seed_key, step)``). Required when dropout is active.
+
+        Returns:
+            ``(new_state, metrics)``; metrics: ``loss`` (mean per target token),
+            ``grad_norm`` (before clipping), ``tokens`` (targets in the batch).
+        """
+        _check_batch(batch, self.grad_accum, self._shards)
+        if key is None:
+            if self.dropout:
+                raise StepError(
+                    "LoRA dropout is active: pass key=jax.random.fold_in(seed_key, step) to "
+                    "the step (or build the adapters with dropout=0)"
+                )
+            key = jax.random.key(0)
+        batch = put_batch(batch, self._batch_sh)
+        trainable, opt_state, metrics = self._step(
+            state.trainable, state.frozen, state.opt_state, batch, key
+        )
+        return SFTState(trainable, state.frozen, opt_state), metrics
+
+    def loss(self, state: SFTState, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """Evaluation sums ``(loss_sum, num_targets)`` on one batch (no dropout)."""
+        batch = put_batch(batch, self._batch_sh)
+        return self._eval(state.trainable, state.frozen, batch)
+
+    def merge(self, state: SFTState) -> nnx.Module:
+        """The model with the state's parameters (arrays shared, not copied)."""
+        return nnx.merge(self.graphdef, state.trainable, state.frozen)
+
+
+def make_sft_step(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    *,
+    lora: bool,
+    compute_dtype: Any = jnp.float32,
+    grad_accum: int = 1,
+    mesh: Mesh | None = None,
+    rules: Rules = LOGICAL_RULES,
+) -> SFTStep:
+    """Builds the compiled fine-tuning step for `model`.
+
+    Trainable: every `nnx.Param` when ``lora=False``; with ``lora=True`` the LoRA factors
+    (`gti_jax.train.lora.LoRAParam`, added by `apply_lora`), the embedding and an untied
+    ``lm_head`` (the GTI paper's appendix). Everything else is frozen: no gradient, no
+    optimizer state.
+
+    Args:
+        model: the model (its structure fixes the step; its values are read by `init`).
+        tx: the optimizer (e.g. :func:`sft_optimizer`).
+        lora: train LoRA factors + embedding + head only.
+        compute_dtype: matmul dtype (parameters and optimizer state keep theirs).
+        grad_accum: micro-batches per optimizer step.
+        mesh: a device mesh; None: one device.
+        rules: logical axis rules for the mesh.
+
+    Returns:
+        An :class:`SFTStep`: ``state = step.init(model)``, then
+        ``state, metrics = step(state, batch, key)``; ``step.merge(state)`` gives the model.
+
+    Example:
+        >>> step = make_sft_step(model, sft_optimizer(cfg.sft), lora=False)  # doctest: +SKIP
+        >>> state = step.init(model)  # doctest: +SKIP
+        >>> state, m = step(state, batcher.batch_at(0))  # doctest: +SKIP
+    """
+    return SFTStep(
+        model,
+        tx,
+        lora=lora,
+        compute_dtype=compute_dtype,
+        grad_accum=grad_accum,
+        mesh=mesh,
+        rules=rules,
+    )

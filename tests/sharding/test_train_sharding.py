@@ -1,0 +1,131 @@
+"""Grounding and fine-tuning steps on 8 fake CPU devices equal the single-device steps."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gti_jax.ground import ground_optimizer, make_ground_step, split_new_rows
+from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.models.sharding import make_mesh, state_shardings
+from gti_jax.train.config import GroundConfig, SFTConfig
+from gti_jax.train.data import Batch
+from gti_jax.train.lora import apply_lora
+from gti_jax.train.steps import make_sft_step, sft_optimizer
+
+VOCAB = 64
+NEW = range(56, 62)
+MESHES = {"2x2x2": {"data": 2, "fsdp": 2, "tensor": 2}, "8x1": {"fsdp": 8, "tensor": 1}}
+
+
+def _model(tied: bool) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+
+
+def _batch(seed: int) -> Batch:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, size=(8, 12)).astype(np.int32)
+    ids[:, 2] = rng.integers(NEW.start, NEW.stop, size=8)
+    ids[:, -1] = rng.integers(NEW.start, NEW.stop, size=8)
+    mask = np.zeros((8, 12), np.float32)
+    mask[:, 5:] = 1.0
+    return Batch(ids, mask, np.ones((8, 12), np.int32))
+
+
+def _close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@functools.cache
+def _ref_ground(tied):
+    return _run_ground(None, tied, 1)[1:]
+
+
+@functools.cache
+def _ref_sft(lora):
+    return _run_sft(None, lora, 1)[1:]
+
+
+def _run_ground(mesh, tied, accum):
+    graphdef, state = nnx.split(_model(tied))
+    tx = ground_optimizer(GroundConfig(steps=4, lr=1e-3, warmup_steps=0))
+    step = make_ground_step(graphdef, state, NEW, tx, tied=tied, grad_accum=accum, mesh=mesh)
+    params, opt = step.init(split_new_rows(state, NEW, tied=tied))
+    losses = []
+    for s in range(2):
+        params, opt, m = step(params, opt, _batch(s))
+        losses.append(float(m["loss"]))
+    return step, params, opt, losses
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("tied", [True, False])
+def test_ground_step_sharded_equals_single_device(mesh_name, tied):
+    mesh = make_mesh(MESHES[mesh_name])
+    ref_params, _, ref_losses = _ref_ground(tied)
+    step, params, opt, losses = _run_ground(mesh, tied, 2)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    _close(params, ref_params)
+    rows = NamedSharding(mesh, P(None, "fsdp"))  # new rows sharded on the embedding dim
+    for x in jax.tree.leaves(params):
+        assert x.sharding.is_equivalent_to(rows, 2)
+    adam = [
+        x
+        for x in jax.tree.leaves(opt, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(x, optax.ScaleByAdamState)
+    ]
+    moments = jax.tree.leaves((adam[0].mu, adam[0].nu))
+    assert len(moments) == (2 if tied else 4)
+    for x in moments:  # Adam moments are placed like their rows
+        assert x.sharding.is_equivalent_to(rows, 2)
+    table = step.frozen_state["embed"]["embedding"].get_value()
+    want = P("tensor", "fsdp") if mesh_name == "2x2x2" else P(None, "fsdp")
+    assert table.sharding.is_equivalent_to(NamedSharding(mesh, want), 2)
+    assert step.traces == 1
+
+
+def _run_sft(mesh, lora, accum):
+    model = _model(False)
+    if lora:
+        model = apply_lora(
+            model, rank=4, alpha=8.0, dropout=0.1, targets=("q", "o", "up"), rngs=nnx.Rngs(3)
+        )
+    tx = sft_optimizer(SFTConfig(steps=4, lr=1e-3, warmup_steps=0))
+    step = make_sft_step(model, tx, lora=lora, grad_accum=accum, mesh=mesh)
+    state = step.init(model)
+    losses = []
+    for s in range(2):
+        state, m = step(state, _batch(s), jax.random.key(s))
+        losses.append(float(m["loss"]))
+    return step, state, losses
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_step_sharded_equals_single_device(mesh_name, lora):
+    mesh = make_mesh(MESHES[mesh_name])
+    ref_state, ref_losses = _ref_sft(lora)
+    step, state, losses = _run_sft(mesh, lora, 1 if lora else 2)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    _close(state.trainable, ref_state.trainable)
+    want = state_shardings(state.trainable, mesh)
+    for x, sh in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(want), strict=True):
+        assert x.sharding.is_equivalent_to(sh, x.ndim)
+    assert step.traces == 1
