@@ -97,8 +97,8 @@ class DataConfig:
     Unset (null): the built-in MovieLens-100k quickstart makes tokens, pairs, sft and eval."""
 
     pairs: str | None = None
-    """Paired text<->token prompts for grounding (JSONL {"prompt", "completion"}); needed
-    when ground.steps > 0 or sft.aux_pairs_ratio > 0."""
+    """Paired text<->token prompts for grounding (JSONL {"prompt", "completion"}); null:
+    made from the token descriptions in both directions (ground.templates)."""
 
     sft: str | None = None
     """Task prompts for fine-tuning (JSONL {"prompt", "completion"}); needed when

@@ -1,0 +1,903 @@
+"""The training run: load -> extend -> initialize -> ground (GTI) -> fine-tune -> evaluate -> export.
+
+Each stage is recorded in the run directory (``stages.json``). Loading, extending and
+initializing are deterministic given the config, so a resumed run recomputes them and
+restores only what training changed from the last checkpoint: the grounded rows and their
+optimizer state, or the fine-tuned parameters and theirs. Batches are a pure function of
+``(seed, step)`` and so are dropout keys, so a resumed run ends with the same parameters
+and results as an uninterrupted one.
+
+Run directory::
+
+    config.yaml        the resolved config
+    stages.json        finished stages and their timings
+    metrics.jsonl      {"stage", "step", "loss", "lr", "grad_norm", "tokens_per_s"} per log step
+    checkpoints/       orbax checkpoints (grounding and fine-tuning steps)
+    data/              files made by the recommendation front end (when data.* are unset)
+    new_tokens.json    the new tokens, their ids, the semantic-ID codebooks
+    grounded_rows.safetensors   the grounded rows alone, to apply to another copy of the model
+    diagnostics.json, diagnostics/, *.png    effective rank, spectra, cosine structure per stage
+    loss.png           loss curves
+    results.json       evaluation
+    export/            a Hugging Face checkpoint directory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gti_jax.train.config import TrainConfig, config_to_dict, save_config
+from gti_jax.train.runlog import Progress, RunLog, atomic_write_json
+
+__all__ = ["run", "TrainError", "Preempted", "PREEMPTED_EXIT_CODE"]
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, re-run the same command to resume
+_STOP_ENV = "GTI_JAX_STOP_AT_STEP"  # test hook: behave as if SIGTERM arrived after that step
+
+_TEXT_TO_TOKEN = ("Which token stands for: {d}?", 'What is the token for "{d}"?')
+_TOKEN_TO_TEXT = ("What does {t} stand for?", "Describe {t}.")
+
+
+class TrainError(ValueError):
+    """A run that cannot go on: bad data, non-finite loss, a run directory in the way."""
+
+
+class Preempted(Exception):
+    """Raised after a requested stop (SIGTERM) once a checkpoint is safely written."""
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[gti_jax.train] {msg}", file=sys.stderr, flush=True)
+
+
+class _StopFlag:
+    """Set by SIGTERM (or the test hook); the loops check it after every step."""
+
+    def __init__(self):
+        self.requested = False
+        env = os.environ.get(_STOP_ENV)
+        self.at_step = int(env) if env else None
+
+    def install(self):
+        def handler(signum, frame):
+            self.requested = True
+            _log("SIGTERM received: saving a checkpoint and stopping after this step")
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. called from a notebook worker)
+            pass
+        return self
+
+    def should_stop(self, global_step: int) -> bool:
+        return self.requested or (self.at_step is not None and global_step >= self.at_step)
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up.
+# --------------------------------------------------------------------------------------------
+
+
+def _init_distributed(cfg: TrainConfig) -> None:
+    d = cfg.distributed
+    if not d.enabled:
+        return
+    if jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if d.coordinator:
+        kwargs.update(coordinator_address=d.coordinator)
+    if d.num_processes is not None:
+        kwargs.update(num_processes=d.num_processes)
+    if d.process_id is not None:
+        kwargs.update(process_id=d.process_id)
+    jax.distributed.initialize(**kwargs)
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(
+            f"run_dir {run_dir}: cannot create it ({e.strerror}); choose a writable run_dir"
+        ) from None
+    if not os.access(run_dir, os.W_OK):
+        raise TrainError(f"run_dir {run_dir} is not writable; choose a writable run_dir")
+    saved = run_dir / "config.yaml"
+    resolved = _comparable(config_to_dict(cfg))
+    if saved.is_file():
+        import yaml
+
+        before = _comparable(yaml.safe_load(saved.read_text()) or {})
+        if not cfg.resume:
+            raise TrainError(
+                f"run_dir {run_dir} already holds a run; remove it, choose another run_dir, or set resume=true to continue it"
+            )
+        if before != resolved:
+            diff = sorted(
+                k for k in set(before) | set(resolved) if before.get(k) != resolved.get(k)
+            )
+            raise TrainError(
+                f"run_dir {run_dir} holds a run with a different config (differs in {', '.join(diff[:5])}); "
+                "use a new run_dir to start another run, or the same config to resume"
+            )
+    elif any(p.name != "data" for p in run_dir.iterdir()) and not cfg.resume:
+        raise TrainError(f"run_dir {run_dir} is not empty; choose an empty or new run_dir")
+    if jax.process_index() == 0:
+        save_config(cfg, saved)
+    return run_dir
+
+
+# Keys that may change between a run and its resumption without changing its results.
+_RESUME_FREE = (
+    "resume",
+    "log_every",
+    "checkpoint.keep",
+    "checkpoint.async_save",
+    "checkpoint.every",
+)
+
+
+def _comparable(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in (
+            "init_kwargs",
+            "mesh.shape",
+            "mesh.rules",
+            "rec.paths",
+        ):
+            flat.update(_comparable(v, key + "."))
+        elif key not in _RESUME_FREE:
+            flat[key] = json.loads(json.dumps(v, default=str))
+    return flat
+
+
+# --------------------------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Files:
+    tokens: Path
+    pairs: Path | None
+    sft: Path | None
+    eval: Path | None
+    candidates: Path | None
+    aux: Path | None = None
+    semantic_ids: Path | None = None
+    stats: Path | None = None
+
+
+def _given_files(cfg: TrainConfig) -> _Files | None:
+    """The data files named in ``data.*`` (checked to exist), or None for the built-in data."""
+    d = cfg.data
+    if d.tokens is None:
+        if any(x is not None for x in (d.pairs, d.sft, d.eval, d.candidates)):
+            raise TrainError(
+                "data.tokens is unset but other data.* files are set; give data.tokens too, or unset all data.* to use the built-in recommendation data (rec.*)"
+            )
+        return None
+    files = _Files(
+        tokens=Path(d.tokens),
+        pairs=Path(d.pairs) if d.pairs else None,
+        sft=Path(d.sft) if d.sft else None,
+        eval=Path(d.eval) if d.eval else None,
+        candidates=Path(d.candidates) if d.candidates else None,
+    )
+    missing = [
+        f"data.{k}={p}"
+        for k, p in dataclasses.asdict(files).items()
+        if p is not None and not Path(p).is_file()
+    ]
+    if missing:
+        raise TrainError(f"missing data file(s): {', '.join(missing)}; fix the paths")
+    return files
+
+
+def _check_model(name: str) -> None:
+    p = Path(name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise TrainError(
+                f"model={name}: the directory has no config.json; give a Hugging Face checkpoint directory, a .gguf file or an alias"
+            )
+        return
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise TrainError(f"model={name}: no such .gguf file")
+        return
+    from gti_jax.models.gguf import ALIASES, resolve_alias
+
+    if resolve_alias(name) is None:
+        raise TrainError(
+            f"model={name}: not a checkpoint directory, a .gguf file or an alias ({', '.join(ALIASES)})"
+        )
+
+
+def _data_files(cfg: TrainConfig, given: _Files | None, run_dir: Path, model, tokenizer) -> _Files:
+    if given is not None:
+        return given
+    from gti_jax.rec.prepare import prepare
+
+    _log(
+        f"no data.* files given: preparing {cfg.rec.dataset} with semantic IDs into {run_dir / 'data'}"
+    )
+    paths = prepare(cfg, run_dir / "data", model=model, tokenizer=tokenizer)
+    return _Files(
+        tokens=Path(paths["tokens"]),
+        pairs=Path(paths["pairs"]),
+        sft=Path(paths["sft"]),
+        eval=Path(paths["test"]),
+        candidates=Path(paths["candidates"]),
+        aux=Path(paths["aux"]) if paths.get("aux") else None,
+        semantic_ids=Path(paths["semantic_ids"]) if paths.get("semantic_ids") else None,
+        stats=Path(paths["stats"]) if paths.get("stats") else None,
+    )
+
+
+def pairs_from_descriptions(entries, directions, seed: int):
+    """Paired text <-> token prompts made from token descriptions, in the chosen directions.
+
+    Each token gets every template of each direction: ``text_to_token`` asks for the token of
+    a description, ``token_to_text`` for the description of a token.
+    """
+    from gti_jax.train.data import Example
+
+    missing = [e.token for e in entries if not (e.description or "").strip()]
+    if missing:
+        raise TrainError(
+            f"tokens {missing[:5]} have no description; grounding without data.pairs needs a description for every token"
+        )
+    out = []
+    for e in entries:
+        if "text_to_token" in directions:
+            out += [Example(t.format(d=e.description.strip()), e.token) for t in _TEXT_TO_TOKEN]
+        if "token_to_text" in directions:
+            out += [Example(t.format(t=e.token), e.description.strip()) for t in _TOKEN_TO_TEXT]
+    rng = np.random.default_rng(seed)
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _mesh(cfg: TrainConfig):
+    from gti_jax.models.sharding import make_mesh
+
+    shape = dict(cfg.mesh.shape)
+    if all(v == 1 for v in shape.values()) and jax.process_count() == 1:
+        return None  # one device: plain jit, no sharding machinery
+    return make_mesh(shape)
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs every stage of ``cfg`` (resuming from ``cfg.run_dir`` when it holds a run).
+
+    Returns:
+      The evaluation results (also written to ``run_dir/results.json``).
+
+    Raises:
+      TrainError: bad data or run directory, non-finite loss (the last good checkpoint is
+        kept).
+      Preempted: SIGTERM arrived; a checkpoint was written; re-run to resume.
+    """
+    t_run = time.perf_counter()
+    _init_distributed(cfg)
+    # Everything checkable without heavy work is checked before the run directory exists.
+    given = _given_files(cfg)
+    _check_model(cfg.model)
+    mesh = _mesh(cfg)
+    rules = dict(cfg.mesh.rules)
+    created = not Path(cfg.run_dir).exists()
+    run_dir = _prepare_run_dir(cfg)
+    try:
+        return _run(cfg, run_dir, given, mesh, rules, t_run)
+    except (TrainError, ValueError, FileNotFoundError):
+        # bad input found before any stage finished: leave nothing behind
+        if created and jax.process_index() == 0 and not _any_training(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _any_training(run_dir: Path) -> bool:
+    """Whether the run has anything worth keeping (a checkpoint or a finished training stage)."""
+    ckpts = run_dir / "checkpoints"
+    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str, Any]:
+    from gti_jax import diagnose
+    from gti_jax.models import export_hf_dir, load_pretrained
+    from gti_jax.train.checkpoint import Checkpointer
+    from gti_jax.train.data import encode_examples, read_examples
+    from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
+    from gti_jax.vocab.tokens import (
+        description_token_ids,
+        extend_tokenizer,
+        read_tokens_file,
+        validate_new_tokens,
+    )
+
+    writer = jax.process_index() == 0
+    log = RunLog(run_dir, writer=writer)
+    stop = _StopFlag().install()
+
+    # load ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    model, tokenizer = (
+        load_pretrained(cfg.model, mesh=mesh, rules=rules)
+        if mesh is not None
+        else load_pretrained(cfg.model)
+    )
+    tied = bool(model.config.tie_word_embeddings)
+    log.finish(
+        "load", time.perf_counter() - t0, model=str(cfg.model), rows=int(model.num_rows), tied=tied
+    )
+
+    # data + extend + init --------------------------------------------------------------
+    t0 = time.perf_counter()
+    files = _data_files(cfg, given, run_dir, model, tokenizer)
+    entries = read_tokens_file(files.tokens)
+    num_tokens = len(tokenizer)
+    to_add = validate_new_tokens(tokenizer, [e.token for e in entries])
+    pairs = read_examples(files.pairs) if files.pairs else None
+    if cfg.ground.steps > 0 and pairs is None:
+        pairs = pairs_from_descriptions(entries, cfg.ground.templates, cfg.seed)
+    sft_examples = read_examples(files.sft) if (files.sft and cfg.sft.steps > 0) else []
+    if cfg.sft.steps > 0 and not sft_examples:
+        raise TrainError("sft.steps > 0 but data.sft is unset; give data.sft or set sft.steps=0")
+    eval_examples = read_examples(files.eval) if files.eval else []
+    desc_ids = None
+    if cfg.init == "description":
+        desc_ids = description_token_ids(
+            tokenizer, [e.description for e in entries], tokens=[e.token for e in entries]
+        )
+    new_ids = extend_tokenizer(tokenizer, to_add)
+    new_range = range(new_ids[0], new_ids[-1] + 1)
+    graphdef, state = nnx.split(model)
+    state = resize_vocab(
+        state,
+        EmbeddingSpec.nnx_llama(tied=tied),
+        len(tokenizer),
+        cfg.init,
+        jax.random.fold_in(jax.random.key(cfg.seed), 1),
+        num_tokens=num_tokens,
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+        description_ids=desc_ids,
+        init_kwargs=dict(cfg.init_kwargs),
+    )
+    model = nnx.merge(graphdef, state)
+    model.config = model.config.replace(vocab_size=int(model.num_rows))
+    token_info = {
+        "tokens": to_add,
+        "new_ids": [new_range.start, new_range.stop],
+        "num_tokens": len(tokenizer),
+        "num_rows": int(model.num_rows),
+        "codebook_dir": str(files.semantic_ids) if files.semantic_ids else None,
+    }
+    if writer:
+        atomic_write_json(run_dir / "new_tokens.json", token_info)
+    codebook = _codebook_vectors(files, to_add)
+    decode = lambda i: tokenizer.decode([int(i)])  # noqa: E731
+
+    def record(stage, m):
+        if writer:
+            table = np.asarray(jax.device_get(m.embed.embedding[...]), np.float32)
+            diagnose.record_stage(
+                run_dir,
+                stage,
+                table,
+                new_range,
+                codebook_vectors=codebook,
+                decode=decode,
+                old_ids=range(num_tokens),
+                tokens=to_add,
+            )
+
+    if not log.done("extend"):
+        record("init", model)
+    log.finish(
+        "extend",
+        time.perf_counter() - t0,
+        new_tokens=len(to_add),
+        num_tokens=len(tokenizer),
+        num_rows=int(model.num_rows),
+        init=cfg.init,
+    )
+
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    latest_meta = _peek_meta(ckpt, latest)
+    pc, pi = jax.process_count(), jax.process_index()
+    encode = lambda exs, src: encode_examples(
+        tokenizer, exs, max_len=cfg.data.max_len, chat_template=cfg.data.chat_template, source=src
+    )  # noqa: E731
+
+    try:
+        # ground -----------------------------------------------------------------------
+        G = cfg.ground.steps
+        sft_started = latest_meta is not None and latest_meta.get("stage") == "sft"
+        if G > 0 and not sft_started:
+            model = _ground(
+                cfg,
+                model,
+                new_range,
+                tied,
+                encode(pairs, str(files.pairs or "generated pairs")),
+                ckpt,
+                latest,
+                latest_meta,
+                log,
+                stop,
+                mesh,
+                rules,
+                pi,
+                pc,
+                run_dir,
+                writer,
+                token_info,
+            )
+            record("ground", model)
+
+        # SFT --------------------------------------------------------------------------
+        if cfg.sft.steps > 0:
+            aux = _aux_examples(cfg, files, pairs, sft_examples)
+            sft_enc = encode(sft_examples + aux, str(files.sft))
+            model = _sft(cfg, model, sft_enc, ckpt, latest_meta, log, stop, mesh, rules, pi, pc)
+            record("sft", model)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+    # evaluate ---------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    results = _evaluate(
+        cfg, model, tokenizer, eval_examples, files, num_tokens_total=len(tokenizer)
+    )
+    if files.stats and files.stats.is_file():
+        stats = json.loads(files.stats.read_text())
+        pop = stats.get("popularity_baseline", {}).get("test")
+        if pop:  # reference: rank every item by training popularity
+            results["popularity_baseline"] = pop
+    results["wall_seconds"] = round(time.perf_counter() - t_run, 1)
+    if writer:
+        atomic_write_json(run_dir / "results.json", results)
+        diagnose.plot_loss(run_dir)
+    log.finish("evaluate", time.perf_counter() - t0)
+
+    # export -----------------------------------------------------------------------------
+    if cfg.export.hf and writer:
+        t0 = time.perf_counter()
+        export_hf_dir(model, None, tokenizer, run_dir / "export", overwrite=True)
+        log.finish("export", time.perf_counter() - t0, path=str(run_dir / "export"))
+    _log(f"done: {json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)})}")
+    return results
+
+
+def _peek_meta(ckpt, step):
+    if step is None:
+        return None
+    return ckpt.read_meta(step) if hasattr(ckpt, "read_meta") else None
+
+
+def _codebook_vectors(files: _Files, tokens):
+    if files.semantic_ids is None:
+        return None
+    from gti_jax.diagnose import token_codebook_vectors
+    from gti_jax.rec.semantic_ids import load_semantic_ids
+
+    return token_codebook_vectors(load_semantic_ids(files.semantic_ids), tokens)
+
+
+def _aux_examples(cfg: TrainConfig, files: _Files, pairs, sft_examples):
+    ratio = cfg.sft.aux_pairs_ratio
+    if ratio <= 0:
+        return []
+    from gti_jax.train.data import read_examples
+
+    pool = read_examples(files.aux) if files.aux else list(pairs or [])
+    if not pool:
+        raise TrainError(
+            "sft.aux_pairs_ratio > 0 needs paired prompts (data.pairs or token descriptions)"
+        )
+    n = int(round(ratio * len(sft_examples)))
+    rng = np.random.default_rng(cfg.seed + 7)
+    return [pool[i] for i in rng.choice(len(pool), size=n, replace=n > len(pool))]
+
+
+def _check_finite(stage: str, step: int, metrics: dict, last_saved: int | None):
+    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        kept = (
+            f"the last good checkpoint (step {last_saved}) is kept"
+            if last_saved
+            else "no checkpoint was written yet"
+        )
+        raise TrainError(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at {stage} step {step}; {kept}; lower {stage}.lr or check the data"
+        )
+    return loss, gnorm
+
+
+# --------------------------------------------------------------------------------------------
+# Stages.
+# --------------------------------------------------------------------------------------------
+
+
+def _ground_state_tree(params, opt_state):
+    p = (
+        {"embed": params.embed}
+        if params.head is None
+        else {"embed": params.embed, "head": params.head}
+    )
+    return {"params": p, "opt": opt_state}
+
+
+def _ground(
+    cfg,
+    model,
+    new_range,
+    tied,
+    examples,
+    ckpt,
+    latest,
+    latest_meta,
+    log,
+    stop,
+    mesh,
+    rules,
+    pi,
+    pc,
+    run_dir,
+    writer,
+    token_info,
+):
+    from gti_jax.ground import (
+        GroundParams,
+        ground_optimizer,
+        join_new_rows,
+        make_ground_step,
+        split_new_rows,
+    )
+    from gti_jax.train.checkpoint import save_rows
+    from gti_jax.train.data import Batcher
+
+    G = cfg.ground.steps
+    t0 = time.perf_counter()
+    graphdef, state = nnx.split(model)
+    tx = ground_optimizer(cfg.ground)
+    step_fn = make_ground_step(
+        graphdef,
+        state,
+        new_range,
+        tx,
+        tied=tied,
+        compute_dtype=_dtype(cfg.ground.compute_dtype),
+        grad_accum=cfg.ground.grad_accum,
+        mesh=mesh,
+        rules=rules,
+    )
+    params, opt_state = step_fn.init(split_new_rows(state, new_range, tied=tied))
+    start = 0
+    if latest_meta is not None and latest_meta.get("stage") == "ground":
+        restored, meta = ckpt.restore(latest, target=_ground_state_tree(params, opt_state))
+        params = GroundParams(restored["params"]["embed"], restored["params"].get("head"))
+        opt_state = restored["opt"]
+        start = int(meta["step"])
+        _log(f"resumed grounding at step {start}/{G} from {ckpt.directory}")
+    log.truncate_metrics("ground", start)
+    batcher = Batcher(
+        examples,
+        batch_size=cfg.ground.batch_size,
+        seed=cfg.seed,
+        max_len=cfg.data.max_len,
+        pad_id=_pad_id(model),
+        process_index=pi,
+        process_count=pc,
+    )
+    progress = Progress("ground", G, start=start, every=cfg.log_every, enabled=writer)
+    last_saved = start if start else None
+    t_last = time.perf_counter()
+    for step in range(start + 1, G + 1):
+        params, opt_state, metrics = step_fn(params, opt_state, batcher.batch_at(step - 1))
+        loss, gnorm = _check_finite("ground", step, metrics, last_saved)
+        now = time.perf_counter()
+        tps = float(metrics["tokens"]) / max(now - t_last, 1e-9)
+        t_last = now
+        progress.update(step, loss, tps)
+        if step % cfg.log_every == 0 or step == G or step == start + 1:
+            log.metrics(
+                {
+                    "stage": "ground",
+                    "step": step,
+                    "loss": loss,
+                    "lr": float(_lr(opt_state)),
+                    "grad_norm": gnorm,
+                    "tokens_per_s": tps,
+                }
+            )
+        final = step == G
+        if final or step % cfg.checkpoint.every == 0 or stop.should_stop(step):
+            ckpt.save(
+                step,
+                _ground_state_tree(params, opt_state),
+                {"stage": "ground", "step": step, "of": G},
+                force=True,
+            )
+            last_saved = step
+        if stop.should_stop(step) and not final:
+            ckpt.wait()
+            raise Preempted(
+                f"stopped during grounding after step {step}/{G}; checkpoint saved; re-run the same command to resume"
+            )
+    state = join_new_rows(state, params, new_range, tied=tied)
+    if writer and cfg.export.rows:
+        rows = np.asarray(jax.device_get(params.embed), np.float32)
+        meta = {
+            "model": str(cfg.model),
+            "new_ids": token_info["new_ids"],
+            "tokens": token_info["tokens"],
+            "tied": tied,
+        }
+        save_rows(run_dir / "grounded_rows.safetensors", rows, {**meta, "part": "embed"})
+        if not tied:
+            head = np.asarray(jax.device_get(params.head), np.float32)
+            save_rows(run_dir / "grounded_head_rows.safetensors", head, {**meta, "part": "head"})
+    log.finish("ground", time.perf_counter() - t0, steps=G)
+    return nnx.merge(graphdef, state)
+
+
+def _pad_id(model) -> int:
+    return 0
+
+
+def _lr(opt_state) -> float:
+    """The learning rate last applied, read from optax's injected hyperparameters if any."""
+    for leaf_state in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")
+    ):
+        if hasattr(leaf_state, "hyperparams") and "learning_rate" in leaf_state.hyperparams:
+            return float(leaf_state.hyperparams["learning_rate"])
+    return float("nan")
+
+
+def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc):
+    from gti_jax.train.data import Batcher
+    from gti_jax.train.lora import apply_lora, merge_lora
+    from gti_jax.train.steps import make_sft_step, sft_optimizer
+
+    S, G = cfg.sft.steps, cfg.ground.steps
+    t0 = time.perf_counter()
+    lora = cfg.sft.lora_rank > 0
+    if lora:
+        model = apply_lora(
+            model,
+            rank=cfg.sft.lora_rank,
+            alpha=cfg.sft.lora_alpha,
+            dropout=cfg.sft.lora_dropout,
+            targets=cfg.sft.lora_targets,
+            rngs=nnx.Rngs(cfg.seed + 11),
+        )
+    step_fn = make_sft_step(
+        model,
+        sft_optimizer(cfg.sft),
+        lora=lora,
+        compute_dtype=_dtype(cfg.sft.compute_dtype),
+        grad_accum=cfg.sft.grad_accum,
+        mesh=mesh,
+        rules=rules,
+    )
+    st = step_fn.init(model)
+    start = 0
+    if latest_meta is not None and latest_meta.get("stage") == "sft":
+        restored, meta = ckpt.restore(None, target={"trainable": st.trainable, "opt": st.opt_state})
+        st = st._replace(trainable=restored["trainable"], opt_state=restored["opt"])
+        start = int(meta["step"])
+        _log(f"resumed fine-tuning at step {start}/{S} from {ckpt.directory}")
+    log.truncate_metrics("sft", start)
+    batcher = Batcher(
+        examples,
+        batch_size=cfg.sft.batch_size,
+        seed=cfg.seed + 1,
+        max_len=cfg.data.max_len,
+        pad_id=_pad_id(model),
+        process_index=pi,
+        process_count=pc,
+    )
+    progress = Progress("sft", S, start=start, every=cfg.log_every, enabled=pi == 0)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+    last_saved = start if start else None
+    t_last = time.perf_counter()
+    for step in range(start + 1, S + 1):
+        st, metrics = step_fn(st, batcher.batch_at(step - 1), jax.random.fold_in(key, step))
+        loss, gnorm = _check_finite("sft", step, metrics, last_saved)
+        now = time.perf_counter()
+        tps = float(metrics["tokens"]) / max(now - t_last, 1e-9)
+        t_last = now
+        progress.update(step, loss, tps)
+        if step % cfg.log_every == 0 or step == S or step == start + 1:
+            log.metrics(
+                {
+                    "stage": "sft",
+                    "step": step,
+                    "loss": loss,
+                    "lr": float(_lr(st.opt_state)),
+                    "grad_norm": gnorm,
+                    "tokens_per_s": tps,
+                }
+            )
+        final = step == S
+        if final or step % cfg.checkpoint.every == 0 or stop.should_stop(G + step):
+            ckpt.save(
+                G + step,
+                {"trainable": st.trainable, "opt": st.opt_state},
+                {"stage": "sft", "step": step, "of": S},
+                force=True,
+            )
+            last_saved = step
+        if stop.should_stop(G + step) and not final:
+            ckpt.wait()
+            raise Preempted(
+                f"stopped during fine-tuning after step {step}/{S}; checkpoint saved; re-run the same command to resume"
+            )
+    model = step_fn.merge(st)
+    if lora:
+        model = merge_lora(model)
+    log.finish("sft", time.perf_counter() - t0, steps=S)
+    return model
+
+
+def _evaluate(
+    cfg, model, tokenizer, examples, files: _Files, *, num_tokens_total: int
+) -> dict[str, Any]:
+    """Eval loss / perplexity, greedy exact match, and constrained retrieval metrics."""
+    from gti_jax.models.decode import TrieConstraint, beam_search, generate
+    from gti_jax.rec.metrics import retrieval_metrics, valid_rate
+    from gti_jax.train.data import (
+        Batch,
+        Batcher,
+        encode_examples,
+        encode_prompt,
+        end_of_turn_id,
+        read_candidates,
+    )
+
+    results: dict[str, Any] = {}
+    if not examples:
+        return results
+    if cfg.eval.max_examples is not None:
+        examples = examples[: cfg.eval.max_examples]
+    results["num_eval"] = len(examples)
+    ct = cfg.data.chat_template
+    end = end_of_turn_id(tokenizer, chat_template=ct)
+
+    # loss / perplexity (teacher forcing, completion tokens only)
+    enc = encode_examples(
+        tokenizer, examples, max_len=cfg.data.max_len, chat_template=ct, source="eval"
+    )
+    bs = cfg.eval.batch_size
+    buckets = Batcher(enc, batch_size=1, seed=0, max_len=cfg.data.max_len)
+    graphdef, state = nnx.split(model)
+    loss_sum, count = 0.0, 0.0
+    for i in range(0, len(enc), bs):
+        chunk = enc[i : i + bs]
+        t = buckets.bucket_for(max(len(ids) for ids, _ in chunk))
+        ids = np.zeros((bs, t), np.int32)
+        lm = np.zeros((bs, t), np.float32)
+        attn = np.zeros((bs, t), np.int32)
+        for r, (x, m) in enumerate(chunk):  # rows past the chunk stay empty (fixed shapes)
+            ids[r, : len(x)], lm[r, : len(x)], attn[r, : len(x)] = x, m, 1
+        s, n = _eval_fn(graphdef)(
+            state, Batch(jnp.asarray(ids), jnp.asarray(lm), jnp.asarray(attn))
+        )
+        loss_sum, count = loss_sum + float(s), count + float(n)
+    results["eval_loss"] = loss_sum / max(count, 1.0)
+    results["perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+
+    prompts = [
+        list(encode_prompt(tokenizer, ex.prompt, chat_template=ct, max_len=cfg.data.max_len))
+        for ex in examples
+    ]
+    targets = [ex.completion.strip() for ex in examples]
+    # greedy exact match
+    hits = 0
+    for i in range(0, len(prompts), bs):
+        out = generate(
+            model,
+            prompts[i : i + bs],
+            max_new_tokens=cfg.eval.max_new_tokens,
+            eos_ids=[end],
+            num_tokens=num_tokens_total,
+        )
+        for seq, tgt in zip(out.sequences, targets[i : i + bs], strict=True):
+            text = tokenizer.decode([t for t in seq if t != end], skip_special_tokens=False).strip()
+            hits += text == tgt
+    results["exact_match"] = hits / len(prompts)
+
+    # constrained beam search over the candidates
+    # without data.candidates, the distinct eval completions are the candidates
+    cands = (
+        read_candidates(files.candidates)
+        if files.candidates is not None
+        else sorted({ex.completion.strip() for ex in examples})
+    )
+    if cands:
+        seqs = {}
+        for c in cands:
+            ids = tuple(tokenizer.encode(c, add_special_tokens=False))
+            seqs.setdefault(ids, c)
+        trie = TrieConstraint.from_sequences([list(k) for k in seqs], eos_id=end)
+        max_new = max(len(k) for k in seqs) + 1
+        beams = max(cfg.eval.beams, 1)
+        ranked, generated = [], []
+        nb = max(1, bs // 2)
+        for i in range(0, len(prompts), nb):
+            out = beam_search(
+                model,
+                prompts[i : i + nb],
+                num_beams=beams,
+                max_new_tokens=max_new,
+                eos_ids=[end],
+                num_tokens=num_tokens_total,
+                constraint=trie,
+            )
+            for hyps in out.sequences:
+                names = []
+                for h in hyps:
+                    key = tuple(t for t in h if t != end)
+                    name = seqs.get(key)
+                    generated.append(name if name is not None else tokenizer.decode(list(key)))
+                    if name is not None:
+                        names.append(name)
+                ranked.append(names)
+        results["valid_rate"] = valid_rate(generated, set(cands))
+        results.update(retrieval_metrics(ranked, targets, ks=tuple(k for k in cfg.eval.k)))
+        if beams < max(cfg.eval.k):
+            results["note"] = (
+                f"eval.beams={beams} < max(eval.k)={max(cfg.eval.k)}: metrics at larger K count only {beams} results"
+            )
+    return results
+
+
+_EVAL_CACHE: dict[Any, Any] = {}
+
+
+def _eval_fn(graphdef):
+    from gti_jax.train.steps import masked_lm_loss
+
+    if graphdef not in _EVAL_CACHE:
+
+        @jax.jit
+        def f(state, batch):
+            model = nnx.merge(graphdef, state)
+            logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+            return masked_lm_loss(logits, batch.input_ids, batch.loss_mask)
+
+        _EVAL_CACHE[graphdef] = f
+    return _EVAL_CACHE[graphdef]
