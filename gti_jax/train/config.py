@@ -69,6 +69,7 @@ Direction = Literal["text_to_token", "token_to_text"]
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 RecDatasetName = Literal["movielens-100k", "amazon-2018", "amazon-2023", "csv"]
 SemanticIdMethod = Literal["rq_kmeans", "rq_vae"]
+NanPolicy = Literal["stop", "skip"]
 
 # rec.paths keys each dataset needs (required, optional).
 REC_PATH_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -111,7 +112,7 @@ class DataConfig:
     """Valid completions for constrained beam search (.txt one a line, or JSONL
     {"completion"}); null: the distinct completions of data.eval."""
 
-    max_len: int = 256
+    max_len: int = 128
     """Longest prompt + completion in tokens; longer examples are cut from the left of the
     prompt."""
 
@@ -123,10 +124,10 @@ class DataConfig:
 class GroundConfig:
     """The GTI stage: train only the new embedding rows on paired prompts, backbone frozen."""
 
-    steps: int = 100
+    steps: int = 60
     """Optimizer steps of grounding; 0 skips the stage (plain initialization + SFT)."""
 
-    lr: float = 1e-3
+    lr: float = 1e-2
     """Peak learning rate (AdamW) of the new rows."""
 
     batch_size: int = 8
@@ -156,10 +157,10 @@ class GroundConfig:
 class SFTConfig:
     """Supervised fine-tuning on task prompts, full or LoRA."""
 
-    steps: int = 200
+    steps: int = 120
     """Optimizer steps of fine-tuning; 0 skips the stage."""
 
-    lr: float = 1e-4
+    lr: float = 1e-3
     """Peak learning rate (AdamW)."""
 
     batch_size: int = 8
@@ -177,7 +178,7 @@ class SFTConfig:
     clip_norm: float | None = 1.0
     """Clip gradients to this global norm; null: no clipping."""
 
-    lora_rank: int = 0
+    lora_rank: int = 8
     """LoRA rank; 0: full fine-tune of every parameter."""
 
     lora_alpha: float = 32.0
@@ -305,7 +306,7 @@ class RecConfig:
     min_interactions: int = 5
     """k-core: users and items with fewer interactions are dropped, repeatedly."""
 
-    max_history: int = 20
+    max_history: int = 5
     """Most recent items shown in a next-item prompt's history."""
 
     max_sequence_length: int | None = None
@@ -375,6 +376,14 @@ class TrainConfig:
 
     log_every: int = 10
     """Log loss and throughput every N steps."""
+
+    nan_policy: NanPolicy = "stop"
+    """What a non-finite (NaN/inf) loss or gradient does: stop (exit 1, keeping the last good
+    checkpoint) or skip (the update is not applied: parameters and optimizer state stay as
+    they were; metrics lines and results.json count the skipped steps)."""
+
+    max_skipped_steps: int = 10
+    """With nan_policy=skip: stop once more than this many steps of one stage were skipped."""
 
     data: DataConfig = field(default_factory=DataConfig)
     """Input files."""
@@ -695,6 +704,7 @@ def _validate(cfg: TrainConfig) -> None:
     _at_least("seed", cfg.seed, 0)
     _at_least("pad_to_multiple_of", cfg.pad_to_multiple_of, 1)
     _at_least("log_every", cfg.log_every, 1)
+    _at_least("max_skipped_steps", cfg.max_skipped_steps, 0)
     _at_least("data.max_len", cfg.data.max_len, 2)
 
     for name, stage in (("ground", cfg.ground), ("sft", cfg.sft)):

@@ -7,6 +7,12 @@ optimizer state, or the fine-tuned parameters and theirs. Batches are a pure fun
 ``(seed, step)`` and so are dropout keys, so a resumed run ends with the same parameters
 and results as an uninterrupted one.
 
+Every output is written to a temporary name and renamed into place (checkpoints, JSON files,
+the grounded rows, the export), so a killed run never leaves a half-written file that a
+resumed run or a reader would take as complete. A step whose loss or gradient is not finite
+is never applied: ``nan_policy=stop`` ends the run (exit 1), ``nan_policy=skip`` goes on
+(at most ``max_skipped_steps`` times per stage) and counts the skipped steps.
+
 Run directory::
 
     config.yaml        the resolved config
@@ -43,10 +49,12 @@ from flax import nnx
 from gti_jax.train.config import TrainConfig, config_to_dict, save_config
 from gti_jax.train.runlog import Progress, RunLog, atomic_write_json
 
-__all__ = ["run", "TrainError", "Preempted", "PREEMPTED_EXIT_CODE"]
+__all__ = ["run", "TrainError", "NonFiniteError", "Preempted", "PREEMPTED_EXIT_CODE"]
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, re-run the same command to resume
 _STOP_ENV = "GTI_JAX_STOP_AT_STEP"  # test hook: behave as if SIGTERM arrived after that step
+# Test hook: global steps (comma-separated) whose batch gets a NaN loss mask.
+_FAULT_ENV = "GTI_JAX_FAULT_AT_STEP"
 
 _TEXT_TO_TOKEN = ("Which token stands for: {d}?", 'What is the token for "{d}"?')
 _TOKEN_TO_TEXT = ("What does {t} stand for?", "Describe {t}.")
@@ -54,6 +62,10 @@ _TOKEN_TO_TEXT = ("What does {t} stand for?", "Describe {t}.")
 
 class TrainError(ValueError):
     """A run that cannot go on: bad data, non-finite loss, a run directory in the way."""
+
+
+class NonFiniteError(TrainError):
+    """A non-finite loss or gradient stopped the run (nan_policy=stop, or too many skips)."""
 
 
 class Preempted(Exception):
@@ -85,7 +97,14 @@ class _StopFlag:
         return self
 
     def should_stop(self, global_step: int) -> bool:
-        return self.requested or (self.at_step is not None and global_step >= self.at_step)
+        """Whether to stop after this step; on several processes, whether any process asks
+        (a collective: every process calls it once per step, so they stop together)."""
+        local = self.requested or (self.at_step is not None and global_step >= self.at_step)
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +118,9 @@ def _init_distributed(cfg: TrainConfig) -> None:
         return
     if jax.distributed.is_initialized():
         return
+    # CPU processes need a collectives library for cross-process reductions; set before the
+    # backend starts (it only affects the CPU client, so it is harmless on TPU/GPU hosts)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if d.coordinator:
         kwargs.update(coordinator_address=d.coordinator)
@@ -139,9 +161,44 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
             )
     elif any(p.name != "data" for p in run_dir.iterdir()) and not cfg.resume:
         raise TrainError(f"run_dir {run_dir} is not empty; choose an empty or new run_dir")
+    # every process has checked the directory before process 0 writes into it
+    _barrier("gti_jax.train: run_dir checked")
     if jax.process_index() == 0:
         save_config(cfg, saved)
+    _barrier("gti_jax.train: run_dir ready")
     return run_dir
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _host(x) -> np.ndarray:
+    """A numpy copy of an array, gathered from every process when it spans several.
+
+    On a multi-process run every process must call it for the same arrays (a collective).
+    """
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _host_model(model):
+    """The model with every array gathered to host numpy (a collective on multi-process).
+
+    Used to export, evaluate and diagnose a model whose arrays span several processes; on one
+    process the model is returned as it is.
+    """
+    if jax.process_count() == 1:
+        return model
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(_host(x)), state))
 
 
 # Keys that may change between a run and its resumption without changing its results.
@@ -151,6 +208,18 @@ _RESUME_FREE = (
     "checkpoint.keep",
     "checkpoint.async_save",
     "checkpoint.every",
+    # a run stopped by a non-finite step may be resumed with nan_policy=skip: the optimizer
+    # state has the same structure under both policies
+    "nan_policy",
+    "max_skipped_steps",
+    # a run may resume on another mesh or number of hosts: checkpoints restore onto any
+    # sharding (the numbers then differ only by the order of floating-point reductions)
+    "mesh.shape",
+    "mesh.rules",
+    "distributed.enabled",
+    "distributed.coordinator",
+    "distributed.num_processes",
+    "distributed.process_id",
 )
 
 
@@ -265,7 +334,8 @@ def pairs_from_descriptions(entries, directions, seed: int):
     missing = [e.token for e in entries if not (e.description or "").strip()]
     if missing:
         raise TrainError(
-            f"tokens {missing[:5]} have no description; grounding without data.pairs needs a description for every token"
+            f"tokens {missing[:5]} have no description; grounding without data.pairs needs a "
+            "description for every token: add them to the tokens file, or give data.pairs"
         )
     out = []
     for e in entries:
@@ -295,6 +365,25 @@ def _mesh(cfg: TrainConfig):
     return make_mesh(shape)
 
 
+def _check_batch_fits(cfg: TrainConfig, mesh, rules) -> None:
+    """Each stage's batch (and each micro-batch) must split evenly over the batch shards."""
+    if mesh is None:
+        return
+    from gti_jax.models.sharding import logical_to_spec
+
+    spec = logical_to_spec(("batch", "seq"), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    for name, stage in (("ground", cfg.ground), ("sft", cfg.sft)):
+        if stage.steps > 0 and (stage.batch_size // stage.grad_accum) % shards:
+            raise TrainError(
+                f"{name}.batch_size={stage.batch_size} (grad_accum={stage.grad_accum}) does not "
+                f"split over the {shards} batch shards of mesh.shape={dict(mesh.shape)} "
+                f"(axes {', '.join(axes)}); make {name}.batch_size / {name}.grad_accum a "
+                f"multiple of {shards}, or shrink those mesh axes"
+            )
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Runs every stage of ``cfg`` (resuming from ``cfg.run_dir`` when it holds a run).
 
@@ -302,9 +391,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
       The evaluation results (also written to ``run_dir/results.json``).
 
     Raises:
-      TrainError: bad data or run directory, non-finite loss (the last good checkpoint is
-        kept).
+      TrainError: bad data or run directory (checked before heavy work; a run directory
+        this call created is removed again).
+      NonFiniteError: a non-finite loss or gradient under ``nan_policy=stop``, or more than
+        ``max_skipped_steps`` of them under ``nan_policy=skip``; the update was not applied
+        and the last good checkpoint is kept.
       Preempted: SIGTERM arrived; a checkpoint was written; re-run to resume.
+
+    On several processes (``distributed.enabled``) every process calls it with the same
+    config; process 0 alone writes files, evaluates and exports.
     """
     t_run = time.perf_counter()
     _init_distributed(cfg)
@@ -313,10 +408,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     _check_model(cfg.model)
     mesh = _mesh(cfg)
     rules = dict(cfg.mesh.rules)
+    _check_batch_fits(cfg, mesh, rules)
     created = not Path(cfg.run_dir).exists()
     run_dir = _prepare_run_dir(cfg)
     try:
         return _run(cfg, run_dir, given, mesh, rules, t_run)
+    except NonFiniteError:
+        raise  # not bad input: keep the run directory (metrics, checkpoints) to look at
     except (TrainError, ValueError, FileNotFoundError):
         # bad input found before any stage finished: leave nothing behind
         if created and jax.process_index() == 0 and not _any_training(run_dir):
@@ -333,6 +431,7 @@ def _any_training(run_dir: Path) -> bool:
 def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str, Any]:
     from gti_jax import diagnose
     from gti_jax.models import export_hf_dir, load_pretrained
+    from gti_jax.models.hf import CheckpointMismatchError
     from gti_jax.train.checkpoint import Checkpointer
     from gti_jax.train.data import encode_examples, read_examples
     from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
@@ -349,11 +448,19 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
 
     # load ------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    model, tokenizer = (
-        load_pretrained(cfg.model, mesh=mesh, rules=rules)
-        if mesh is not None
-        else load_pretrained(cfg.model)
-    )
+    try:
+        model, tokenizer = (
+            load_pretrained(cfg.model, mesh=mesh, rules=rules)
+            if mesh is not None
+            else load_pretrained(cfg.model)
+        )
+    except CheckpointMismatchError as e:  # one line: the count and the first problems
+        head, *problems = [x.strip() for x in str(e).splitlines() if x.strip()]
+        more = f"; ... {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise TrainError(
+            f"model={cfg.model}: {head.rstrip(':')}: {'; '.join(problems[:3])}{more}; fix "
+            "config.json or give the checkpoint its tensors belong to"
+        ) from None
     tied = bool(model.config.tie_word_embeddings)
     log.finish(
         "load", time.perf_counter() - t0, model=str(cfg.model), rows=int(model.num_rows), tied=tied
@@ -364,7 +471,14 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     files = _data_files(cfg, given, run_dir, model, tokenizer)
     entries = read_tokens_file(files.tokens)
     num_tokens = len(tokenizer)
-    to_add = validate_new_tokens(tokenizer, [e.token for e in entries])
+    requested = [e.token for e in entries]
+    to_add = validate_new_tokens(tokenizer, requested, skip_existing=True)
+    existing = [t for t in requested if t not in set(to_add)]
+    if existing:
+        raise TrainError(
+            f"data.tokens={files.tokens}: {len(existing)} token(s) already in the vocabulary: "
+            f"{', '.join(repr(t) for t in existing[:5])}; remove them from the tokens file"
+        )
     pairs = read_examples(files.pairs) if files.pairs else None
     if cfg.ground.steps > 0 and pairs is None:
         pairs = pairs_from_descriptions(entries, cfg.ground.templates, cfg.seed)
@@ -406,8 +520,8 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     decode = lambda i: tokenizer.decode([int(i)])  # noqa: E731
 
     def record(stage, m):
+        table = _host(m.embed.embedding[...]).astype(np.float32)  # every process (collective)
         if writer:
-            table = np.asarray(jax.device_get(m.embed.embedding[...]), np.float32)
             diagnose.record_stage(
                 run_dir,
                 stage,
@@ -477,14 +591,23 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
 
     # evaluate ---------------------------------------------------------------------------
     t0 = time.perf_counter()
-    results = _evaluate(
-        cfg, model, tokenizer, eval_examples, files, num_tokens_total=len(tokenizer)
+    # On several processes, every process gathers the model (a collective) and process 0
+    # evaluates and exports it alone, on its own devices.
+    host_model = _host_model(model)
+    results = (
+        _evaluate(cfg, host_model, tokenizer, eval_examples, files, num_tokens_total=len(tokenizer))
+        if writer
+        else {}
     )
     if files.stats and files.stats.is_file():
         stats = json.loads(files.stats.read_text())
         pop = stats.get("popularity_baseline", {}).get("test")
         if pop:  # reference: rank every item by training popularity
             results["popularity_baseline"] = pop
+    if cfg.nan_policy == "skip":
+        results["skipped_steps"] = {
+            s: int(log.stages.get(s, {}).get("skipped_steps", 0)) for s in ("ground", "sft")
+        }
     results["wall_seconds"] = round(time.perf_counter() - t_run, 1)
     if writer:
         atomic_write_json(run_dir / "results.json", results)
@@ -494,8 +617,10 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     # export -----------------------------------------------------------------------------
     if cfg.export.hf and writer:
         t0 = time.perf_counter()
-        export_hf_dir(model, None, tokenizer, run_dir / "export", overwrite=True)
+        _remove_stale_temps(run_dir)
+        export_hf_dir(host_model, None, tokenizer, run_dir / "export", overwrite=True)
         log.finish("export", time.perf_counter() - t0, path=str(run_dir / "export"))
+    _barrier("gti_jax.train: done")  # no process leaves while process 0 still writes
     _log(f"done: {json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)})}")
     return results
 
@@ -531,18 +656,85 @@ def _aux_examples(cfg: TrainConfig, files: _Files, pairs, sft_examples):
     return [pool[i] for i in rng.choice(len(pool), size=n, replace=n > len(pool))]
 
 
-def _check_finite(stage: str, step: int, metrics: dict, last_saved: int | None):
-    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+def _fault_steps() -> frozenset[int]:
+    env = os.environ.get(_FAULT_ENV, "")
+    return frozenset(int(x) for x in env.split(",") if x.strip())
+
+
+def _guard_optimizer(tx):
+    """`tx` that leaves parameters and its state unchanged on a step with non-finite gradients.
+
+    The update of such a step is zero and the inner optimizer state is kept (optax's
+    ``apply_if_finite``), inside the compiled step: no copy of the parameters or the optimizer
+    state is needed even though the steps donate them. The state records whether the last
+    step was applied (``last_finite``) and how many were skipped (``total_notfinite``), and is
+    checkpointed with the rest, so the count survives a resume.
+    """
+    import optax
+
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+
+
+class _NanGuard:
+    """Checks every step for a non-finite loss or gradient and applies ``nan_policy``."""
+
+    def __init__(self, cfg: TrainConfig, stage: str, offset: int, meta: dict | None):
+        self.stage, self.offset = stage, offset  # global step = offset + stage step
+        self.policy, self.limit = cfg.nan_policy, cfg.max_skipped_steps
+        self.faults = _fault_steps()
+        # the stage steps skipped so far (kept in each checkpoint's meta across resumes)
+        self.skipped_at: list[int] = list((meta or {}).get("skipped_at", []))
+        self.skipped = len(self.skipped_at)
+
+    def row(self) -> dict:
+        """What a metrics line records about skipped steps (nothing under nan_policy=stop)."""
+        return {"skipped_steps": self.skipped} if self.policy == "skip" else {}
+
+    def meta(self) -> dict:
+        return {"skipped_at": list(self.skipped_at)} if self.skipped_at else {}
+
+    def batch(self, step: int, batch):
+        if self.offset + step in self.faults:
+            return batch._replace(loss_mask=batch.loss_mask * np.float32(np.nan))
+        return batch
+
+    def check(self, step: int, metrics, opt_state, last_saved: int | None):
+        """Returns ``(loss, grad_norm, skipped)``; raises NonFiniteError to stop the run."""
+        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        self.skipped = int(opt_state.total_notfinite)
+        if math.isfinite(loss) and math.isfinite(gnorm):
+            return loss, gnorm, False
+        rejected = not bool(opt_state.last_finite)  # the update was not applied
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        where = f"{self.stage} step {step} (global step {self.offset + step})"
+        if self.policy == "skip" and rejected and self.skipped <= self.limit:
+            self.skipped_at.append(step)
+            _log(
+                f"non-finite {what} at {where}: update skipped "
+                f"({self.skipped} of at most {self.limit} in {self.stage})"
+            )
+            return loss, gnorm, True
         kept = (
-            f"the last good checkpoint (step {last_saved}) is kept"
+            f"the last good checkpoint (global step {last_saved}) is kept"
             if last_saved
             else "no checkpoint was written yet"
         )
-        raise TrainError(
-            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at {stage} step {step}; {kept}; lower {stage}.lr or check the data"
+        if self.policy == "skip" and rejected:
+            raise NonFiniteError(
+                f"non-finite {what} at {where}: {self.skipped} {self.stage} steps skipped, more "
+                f"than max_skipped_steps={self.limit}; {kept}; lower {self.stage}.lr, check the "
+                "data, or raise max_skipped_steps"
+            )
+        raise NonFiniteError(
+            f"non-finite {what} at {where}; {kept}; lower {self.stage}.lr, check the data, or "
+            "re-run with nan_policy=skip to skip such steps"
         )
-    return loss, gnorm
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Removes what an interrupted export left (its temporary and replaced directories)."""
+    for stale in (*run_dir.glob(".export.tmp-*"), *run_dir.glob(".export.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +783,7 @@ def _ground(
     G = cfg.ground.steps
     t0 = time.perf_counter()
     graphdef, state = nnx.split(model)
-    tx = ground_optimizer(cfg.ground)
+    tx = _guard_optimizer(ground_optimizer(cfg.ground))
     step_fn = make_ground_step(
         graphdef,
         state,
@@ -604,12 +796,12 @@ def _ground(
         rules=rules,
     )
     params, opt_state = step_fn.init(split_new_rows(state, new_range, tied=tied))
-    start = 0
+    start, resumed_meta = 0, None
     if latest_meta is not None and latest_meta.get("stage") == "ground":
-        restored, meta = ckpt.restore(latest, target=_ground_state_tree(params, opt_state))
+        restored, resumed_meta = ckpt.restore(latest, target=_ground_state_tree(params, opt_state))
         params = GroundParams(restored["params"]["embed"], restored["params"].get("head"))
         opt_state = restored["opt"]
-        start = int(meta["step"])
+        start = int(resumed_meta["step"])
         _log(f"resumed grounding at step {start}/{G} from {ckpt.directory}")
     log.truncate_metrics("ground", start)
     batcher = Batcher(
@@ -622,16 +814,19 @@ def _ground(
         process_count=pc,
     )
     progress = Progress("ground", G, start=start, every=cfg.log_every, enabled=writer)
+    guard = _NanGuard(cfg, "ground", 0, resumed_meta)
     last_saved = start if start else None
     t_last = time.perf_counter()
     for step in range(start + 1, G + 1):
-        params, opt_state, metrics = step_fn(params, opt_state, batcher.batch_at(step - 1))
-        loss, gnorm = _check_finite("ground", step, metrics, last_saved)
+        batch = guard.batch(step, batcher.batch_at(step - 1))
+        params, opt_state, metrics = step_fn(params, opt_state, batch)
+        loss, gnorm, skipped = guard.check(step, metrics, opt_state, last_saved)
         now = time.perf_counter()
         tps = float(metrics["tokens"]) / max(now - t_last, 1e-9)
         t_last = now
         progress.update(step, loss, tps)
-        if step % cfg.log_every == 0 or step == G or step == start + 1:
+        # a skipped step has no loss to log; the lines after it count it
+        if not skipped and (step % cfg.log_every == 0 or step == G or step == start + 1):
             log.metrics(
                 {
                     "stage": "ground",
@@ -640,25 +835,29 @@ def _ground(
                     "lr": float(_lr(opt_state)),
                     "grad_norm": gnorm,
                     "tokens_per_s": tps,
+                    **guard.row(),
                 }
             )
         final = step == G
-        if final or step % cfg.checkpoint.every == 0 or stop.should_stop(step):
+        stopping = stop.should_stop(step)  # once: a SIGTERM may land between two reads
+        if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             ckpt.save(
                 step,
                 _ground_state_tree(params, opt_state),
-                {"stage": "ground", "step": step, "of": G},
+                {"stage": "ground", "step": step, "of": G, **guard.meta()},
                 force=True,
             )
             last_saved = step
-        if stop.should_stop(step) and not final:
+        if stopping and not final:
             ckpt.wait()
             raise Preempted(
                 f"stopped during grounding after step {step}/{G}; checkpoint saved; re-run the same command to resume"
             )
     state = join_new_rows(state, params, new_range, tied=tied)
+    if cfg.export.rows:
+        rows = _host(params.embed).astype(np.float32)  # every process (collective)
+        head = None if tied else _host(params.head).astype(np.float32)
     if writer and cfg.export.rows:
-        rows = np.asarray(jax.device_get(params.embed), np.float32)
         meta = {
             "model": str(cfg.model),
             "new_ids": token_info["new_ids"],
@@ -667,9 +866,8 @@ def _ground(
         }
         save_rows(run_dir / "grounded_rows.safetensors", rows, {**meta, "part": "embed"})
         if not tied:
-            head = np.asarray(jax.device_get(params.head), np.float32)
             save_rows(run_dir / "grounded_head_rows.safetensors", head, {**meta, "part": "head"})
-    log.finish("ground", time.perf_counter() - t0, steps=G)
+    log.finish("ground", time.perf_counter() - t0, steps=G, **guard.row(), **guard.meta())
     return nnx.merge(graphdef, state)
 
 
@@ -706,7 +904,7 @@ def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc
         )
     step_fn = make_sft_step(
         model,
-        sft_optimizer(cfg.sft),
+        _guard_optimizer(sft_optimizer(cfg.sft)),
         lora=lora,
         compute_dtype=_dtype(cfg.sft.compute_dtype),
         grad_accum=cfg.sft.grad_accum,
@@ -714,11 +912,13 @@ def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc
         rules=rules,
     )
     st = step_fn.init(model)
-    start = 0
+    start, resumed_meta = 0, None
     if latest_meta is not None and latest_meta.get("stage") == "sft":
-        restored, meta = ckpt.restore(None, target={"trainable": st.trainable, "opt": st.opt_state})
+        restored, resumed_meta = ckpt.restore(
+            None, target={"trainable": st.trainable, "opt": st.opt_state}
+        )
         st = st._replace(trainable=restored["trainable"], opt_state=restored["opt"])
-        start = int(meta["step"])
+        start = int(resumed_meta["step"])
         _log(f"resumed fine-tuning at step {start}/{S} from {ckpt.directory}")
     log.truncate_metrics("sft", start)
     batcher = Batcher(
@@ -732,16 +932,19 @@ def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc
     )
     progress = Progress("sft", S, start=start, every=cfg.log_every, enabled=pi == 0)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
-    last_saved = start if start else None
+    guard = _NanGuard(cfg, "sft", G, resumed_meta)
+    last_saved = G + start if start else (G or None)  # grounding ends with a checkpoint
     t_last = time.perf_counter()
     for step in range(start + 1, S + 1):
-        st, metrics = step_fn(st, batcher.batch_at(step - 1), jax.random.fold_in(key, step))
-        loss, gnorm = _check_finite("sft", step, metrics, last_saved)
+        batch = guard.batch(step, batcher.batch_at(step - 1))
+        st, metrics = step_fn(st, batch, jax.random.fold_in(key, step))
+        loss, gnorm, skipped = guard.check(step, metrics, st.opt_state, last_saved)
         now = time.perf_counter()
         tps = float(metrics["tokens"]) / max(now - t_last, 1e-9)
         t_last = now
         progress.update(step, loss, tps)
-        if step % cfg.log_every == 0 or step == S or step == start + 1:
+        # a skipped step has no loss to log; the lines after it count it
+        if not skipped and (step % cfg.log_every == 0 or step == S or step == start + 1):
             log.metrics(
                 {
                     "stage": "sft",
@@ -750,18 +953,20 @@ def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc
                     "lr": float(_lr(st.opt_state)),
                     "grad_norm": gnorm,
                     "tokens_per_s": tps,
+                    **guard.row(),
                 }
             )
         final = step == S
-        if final or step % cfg.checkpoint.every == 0 or stop.should_stop(G + step):
+        stopping = stop.should_stop(G + step)  # once: a SIGTERM may land between two reads
+        if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             ckpt.save(
                 G + step,
                 {"trainable": st.trainable, "opt": st.opt_state},
-                {"stage": "sft", "step": step, "of": S},
+                {"stage": "sft", "step": step, "of": S, **guard.meta()},
                 force=True,
             )
-            last_saved = step
-        if stop.should_stop(G + step) and not final:
+            last_saved = G + step
+        if stopping and not final:
             ckpt.wait()
             raise Preempted(
                 f"stopped during fine-tuning after step {step}/{S}; checkpoint saved; re-run the same command to resume"
@@ -769,7 +974,7 @@ def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc
     model = step_fn.merge(st)
     if lora:
         model = merge_lora(model)
-    log.finish("sft", time.perf_counter() - t0, steps=S)
+    log.finish("sft", time.perf_counter() - t0, steps=S, **guard.row(), **guard.meta())
     return model
 
 
@@ -789,10 +994,10 @@ def _evaluate(
     )
 
     results: dict[str, Any] = {}
-    if not examples:
-        return results
     if cfg.eval.max_examples is not None:
         examples = examples[: cfg.eval.max_examples]
+    if not examples:  # no data.eval, or eval.max_examples=0
+        return results
     results["num_eval"] = len(examples)
     ct = cfg.data.chat_template
     end = end_of_turn_id(tokenizer, chat_template=ct)

@@ -1,13 +1,11 @@
 """`python -m gti_jax.train` end to end on a tiny random model and a generic task."""
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,66 +15,23 @@ import transformers
 from gti_jax.train.__main__ import main
 from gti_jax.train.config import load_config
 from gti_jax.train.run import run
-from tests.helpers.hf_models import make_tiny_hf_model
-
-REPO = Path(__file__).resolve().parents[2]
-TOKENS = [f"<i_{i}>" for i in range(6)]
-NAMES = ["red apple", "green pear", "blue berry", "yellow banana", "orange fruit", "purple grape"]
+from tests.helpers.tiny_task import (
+    REPO,
+    TOKENS,
+    make_tiny_task,
+    results_without_timing,
+    sha256,
+)
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task")
-    model = make_tiny_hf_model(root, "qwen3")
-    with open(root / "tokens.jsonl", "w") as f:
-        for t, n in zip(TOKENS, NAMES, strict=True):
-            f.write(json.dumps({"token": t, "description": n}) + "\n")
-    with open(root / "sft.jsonl", "w") as f:
-        for i in range(24):
-            f.write(
-                json.dumps(
-                    {"prompt": f"after {TOKENS[i % 6]} comes", "completion": TOKENS[(i + 1) % 6]}
-                )
-                + "\n"
-            )
-    with open(root / "eval.jsonl", "w") as f:
-        for i in range(6):
-            f.write(
-                json.dumps(
-                    {"prompt": f"after {TOKENS[i]} comes", "completion": TOKENS[(i + 1) % 6]}
-                )
-                + "\n"
-            )
-    (root / "cands.txt").write_text("\n".join(TOKENS) + "\n")
-    args = [
-        f"model={model}",
-        f"data.tokens={root / 'tokens.jsonl'}",
-        f"data.sft={root / 'sft.jsonl'}",
-        f"data.eval={root / 'eval.jsonl'}",
-        f"data.candidates={root / 'cands.txt'}",
-        "ground.steps=6",
-        "ground.lr=0.01",
-        "sft.steps=6",
-        "ground.batch_size=4",
-        "sft.batch_size=4",
-        "eval.beams=6",
-        "eval.k=[1,3]",
-        "eval.max_new_tokens=4",
-        "checkpoint.every=2",
-        "log_every=2",
-        "pad_to_multiple_of=8",
-    ]
-    return {"root": root, "model": model, "args": args}
+    t = make_tiny_task(tmp_path_factory.mktemp("task"))
+    return {"root": t.root, "model": t.model, "args": t.args}
 
 
-def _sha(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _results(run_dir):
-    r = json.loads((Path(run_dir) / "results.json").read_text())
-    r.pop("wall_seconds")
-    return r
+_sha = sha256
+_results = results_without_timing
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ def test_defaults_are_the_quickstart():
     assert cfg.run_dir == "runs/quickstart"
     assert cfg.init == "mean"
     assert cfg.pad_to_multiple_of == 64
-    assert cfg.ground.lr == 1e-3
+    assert cfg.ground.lr == 1e-2 and cfg.ground.steps == 60
+    assert cfg.sft.lora_rank == 8 and cfg.sft.steps == 120
     assert cfg.sft.lora_alpha == 32
     assert cfg.sft.lora_dropout == 0.05
     assert cfg.sft.lora_targets == ("q", "k", "v", "o", "gate", "up", "down")
@@ -149,8 +150,8 @@ def test_help_lists_every_key_with_type_default_and_doc():
         line = next((ln for ln in text.splitlines() if ln.strip().startswith(key + " (")), None)
         assert line is not None, f"{key} missing from config_help()"
         assert "default" in line
-    assert "sft.steps (int, default 200)" in text
-    assert "ground.lr (float, default 0.001)" in text
+    assert "sft.steps (int, default 120)" in text
+    assert "ground.lr (float, default 0.01)" in text
     assert "init ('mean'|'mean_noise'|'mean_cov'|'normal'|'description', default mean)" in text
     # every key carries its doc string: the line after each key line is indented prose
     lines = text.splitlines()

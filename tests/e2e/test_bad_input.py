@@ -1,0 +1,335 @@
+"""Bad input through both CLIs: one ``error:`` line naming the problem and the fix, a non-zero
+exit, no traceback, and nothing left behind (no run directory, no ``--out``, no temporaries).
+
+Each case is run in-process through ``main(argv)`` (fast); two run as real subprocesses.
+"""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gti_jax import extend
+from gti_jax.train.__main__ import main as train_main
+from tests.helpers.hf_models import make_tiny_hf_model
+from tests.helpers.tiny_task import TOKENS, make_tiny_task, train_command, train_env
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return make_tiny_task(tmp_path_factory.mktemp("task"))
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory):
+    """A checkpoint whose tokenizer has more tokens (375) than its embedding has rows (300)."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("short"), "llama", vocab_size=300)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _model_copy(task, work: Path, name: str) -> Path:
+    dst = work / name
+    shutil.copytree(task.model, dst)
+    return dst
+
+
+def _truncated_model(task, work):
+    dst = _model_copy(task, work, "truncated")
+    f = dst / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def _wrong_hidden_size(task, work):
+    dst = _model_copy(task, work, "wrong_hidden")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["hidden_size"] = 64  # the tensors are 48 wide
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _tokens(work, rows, name="tokens.jsonl"):
+    return _write(work / name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+NL = "\n"
+BAD_JSONL = '{"token": "<x_1>"}\n{oops\n'
+NO_COMPLETION = '{"prompt": "hello"}\n'
+
+
+def _a_file(work):
+    return _write(work / "a_file", "not a directory\n")
+
+
+# --------------------------------------------------------------------------------------------
+# python -m gti_jax.train: each case gives overrides on top of the tiny task (+ run_dir).
+# --------------------------------------------------------------------------------------------
+
+TRAIN = {
+    "malformed tokens jsonl": (
+        lambda t, w, s: [f"data.tokens={_write(w / 'bad.jsonl', BAD_JSONL)}"],
+        ["bad.jsonl:2"],
+    ),
+    "malformed sft jsonl": (
+        lambda t, w, s: [f"data.sft={_write(w / 'sft.jsonl', NO_COMPLETION)}"],
+        ["sft.jsonl:1"],
+    ),
+    "malformed eval jsonl": (
+        lambda t, w, s: [f"data.eval={_write(w / 'eval.jsonl', 'not json at all' + NL)}"],
+        ["eval.jsonl:1"],
+    ),
+    "missing tokens file": (
+        lambda t, w, s: [f"data.tokens={w / 'none.jsonl'}"],
+        ["none.jsonl", "fix the path"],
+    ),
+    "missing model": (
+        lambda t, w, s: [f"model={w / 'no_model'}"],
+        ["no_model"],
+    ),
+    "token already in vocabulary": (
+        lambda t, w, s: [
+            f"data.tokens={_tokens(w, [{'token': '<|im_end|>', 'description': 'end'}])}"
+        ],
+        ["<|im_end|>", "already", "remove them from the tokens file"],
+    ),
+    "duplicate tokens": (
+        lambda t, w, s: [f"data.tokens={_tokens(w, [{'token': '<x_1>', 'description': 'a'}] * 2)}"],
+        ["<x_1>", "more than once"],
+    ),
+    "description init without descriptions": (
+        lambda t, w, s: [
+            f"data.tokens={_tokens(w, [{'token': '<x_1>', 'description': ''}])}",
+            "init=description",
+            "ground.steps=0",
+        ],
+        ["description"],
+    ),
+    "grounding without descriptions or pairs": (
+        lambda t, w, s: [f"data.tokens={_tokens(w, [{'token': '<x_1>'}])}"],
+        ["no description", "give data.pairs"],
+    ),
+    "unknown config key": (lambda t, w, s: ["sft.stpes=3"], ["sft.stpes", "sft.steps"]),
+    "wrong type": (lambda t, w, s: ["ground.lr=fast"], ["ground.lr", "a number"]),
+    "config file missing": (
+        lambda t, w, s: ["--config", str(w / "nope.yaml")],
+        ["nope.yaml"],
+    ),
+    "mesh does not divide the devices": (
+        lambda t, w, s: ["mesh.shape={data: 3}"],
+        ["8", "multiply"],
+    ),
+    "mesh does not divide the batch": (
+        lambda t, w, s: ["mesh.shape={data: 8}"],
+        ["ground.batch_size", "multiple of 8"],
+    ),
+    "config disagrees with the tensors": (
+        lambda t, w, s: [f"model={_wrong_hidden_size(t, w)}"],
+        ["embed_tokens"],
+    ),
+    "truncated safetensors": (
+        lambda t, w, s: [f"model={_truncated_model(t, w)}"],
+        ["model.safetensors"],
+    ),
+    "tokenizer larger than the embedding": (
+        lambda t, w, s: [f"model={s}"],
+        ["375", "300"],
+    ),
+    "run_dir under a file": (
+        lambda t, w, s: [f"run_dir={_a_file(w) / 'run'}"],
+        ["run_dir", "writable"],
+    ),
+}
+
+
+def _run_dir_of(args, default):
+    for a in reversed(args):
+        if a.startswith("run_dir="):
+            return Path(a.split("=", 1)[1])
+    return default
+
+
+def _check_one_error_line(err: str, needles) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err[-3000:]
+    for n in needles:
+        assert n.lower() in errors[0].lower(), (n, errors[0])
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", list(TRAIN))
+def test_train_bad_input(task, short_model, tmp_path, capsys, case):
+    make, needles = TRAIN[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    extra = make(task, work, short_model)
+    run_dir = _run_dir_of(extra, tmp_path / "run")
+    argv = [*task.args, f"run_dir={tmp_path / 'run'}", *extra]
+    before = sorted(p.name for p in work.iterdir())
+    rc = train_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    _check_one_error_line(err, needles)
+    assert not run_dir.exists()
+    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in work.iterdir()) == before  # no temporary left behind
+
+
+def test_train_resume_with_other_config_leaves_run_untouched(task, tmp_path, capsys):
+    """A run directory holding another run's config is refused, and nothing in it changes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from gti_jax.train.config import load_config, save_config
+
+    save_config(load_config(None, [*task.args, f"run_dir={run_dir}"]), run_dir / "config.yaml")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    rc = train_main([*task.args, f"run_dir={run_dir}", "sft.steps=5"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    _check_one_error_line(err, ["different config", "sft.steps", "new run_dir"])
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+# --------------------------------------------------------------------------------------------
+# python -m gti_jax.extend
+# --------------------------------------------------------------------------------------------
+
+EXTEND = {
+    "malformed tokens jsonl": (
+        lambda t, w, s: ["--tokens", str(_write(w / "bad.jsonl", BAD_JSONL))],
+        ["bad.jsonl:2"],
+    ),
+    "missing tokens file": (lambda t, w, s: ["--tokens", str(w / "none.jsonl")], ["none.jsonl"]),
+    "missing model": (lambda t, w, s: ["--model", str(w / "no_model")], ["no_model"]),
+    "token already in vocabulary": (
+        lambda t, w, s: ["--tokens", str(_tokens(w, [{"token": "<|im_end|>"}]))],
+        ["<|im_end|>", "--skip-existing"],
+    ),
+    "duplicate tokens": (
+        lambda t, w, s: ["--tokens", str(_write(w / "d.txt", "<x_1>\n<x_1>\n"))],
+        ["<x_1>", "more than once"],
+    ),
+    "description init without descriptions": (
+        lambda t, w, s: [
+            "--tokens",
+            str(_tokens(w, [{"token": "<x_1>", "description": "  "}])),
+            "--init",
+            "description",
+        ],
+        ["description"],
+    ),
+    "config disagrees with the tensors": (
+        lambda t, w, s: ["--model", str(_wrong_hidden_size(t, w))],
+        ["hidden_size"],
+    ),
+    "truncated safetensors": (
+        lambda t, w, s: ["--model", str(_truncated_model(t, w))],
+        ["model.safetensors", "truncated"],
+    ),
+    "would shrink the vocabulary": (
+        lambda t, w, s: ["--model", str(s)],
+        ["375", "300"],
+    ),
+    "out under a file": (
+        lambda t, w, s: ["--out", str(_a_file(w) / "out")],
+        ["a_file"],
+    ),
+    "unknown initializer": (lambda t, w, s: ["--init", "zeros"], ["zeros", "mean"]),
+}
+
+
+# Known defects of gti_jax/extend.py (not owned by this test module; reported to the lead).
+# strict: once fixed, these fail as XPASS and the marks must go.
+EXTEND_KNOWN_DEFECTS = {
+    "config disagrees with the tensors": "extend writes the checkpoint without checking "
+    "config.json (hidden_size) against the tensors",
+    "out under a file": "extend raises NotADirectoryError (a traceback) when --out's parent is "
+    "a file: it checks parent.exists(), not parent.is_dir()",
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=EXTEND_KNOWN_DEFECTS[c]))
+        if c in EXTEND_KNOWN_DEFECTS
+        else c
+        for c in EXTEND
+    ],
+)
+def test_extend_bad_input(task, short_model, tmp_path, capsys, case):
+    make, needles = EXTEND[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    good = _tokens(
+        tmp_path, [{"token": t, "description": f"thing {t}"} for t in TOKENS], "ok.jsonl"
+    )
+    out = tmp_path / "out"
+    args = {"--model": str(task.model), "--tokens": str(good), "--out": str(out)}
+    extra = make(task, work, short_model)
+    rest = []
+    for i in range(0, len(extra), 2):
+        if extra[i] in args:
+            args[extra[i]] = extra[i + 1]
+        else:
+            rest += extra[i : i + 2]
+    before = sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in work.iterdir())
+    rc = extend.main([x for kv in args.items() for x in kv] + rest)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    _check_one_error_line(err, needles)
+    assert not out.exists() and not Path(args["--out"]).exists()
+    after = sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in work.iterdir())
+    assert after == before
+
+
+# --------------------------------------------------------------------------------------------
+# Two real subprocesses: the exit code and stderr of the installed entry points.
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_subprocess_bad_token_file(task, tmp_path):
+    bad = _write(tmp_path / "bad.jsonl", "{oops\n")
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        train_command(*task.args, f"data.tokens={bad}", f"run_dir={run_dir}"),
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    _check_one_error_line(r.stderr, ["bad.jsonl:1"])
+    assert not run_dir.exists()
+
+
+def test_extend_subprocess_would_shrink(task, short_model, tmp_path):
+    out = tmp_path / "out"
+    tokens = _tokens(tmp_path, [{"token": "<x_1>"}])
+    r = subprocess.run(
+        [
+            *train_command()[:2],
+            "gti_jax.extend",
+            "--model",
+            str(short_model),
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    _check_one_error_line(r.stderr, ["375", "300"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens.jsonl"]  # no --out, no temp
