@@ -113,6 +113,16 @@ def _spec_for(ckpt: Checkpoint) -> EmbeddingSpec:
         raise ExtendError(
             "config says tie_word_embeddings=false but the checkpoint has no 'lm_head.weight'; fix config.json"
         )
+    rows, dim = (int(n) for n in np.shape(tensors["model.embed_tokens.weight"]))
+    width = cfg.get("hidden_size")
+    if width is not None and int(width) != dim:
+        raise ExtendError(
+            f"config.json says hidden_size={width} but model.embed_tokens.weight is {rows} x {dim}; the config does not belong to these weights"
+        )
+    if not tied and tuple(np.shape(tensors["lm_head.weight"])) != (rows, dim):
+        raise ExtendError(
+            f"lm_head.weight is {tuple(np.shape(tensors['lm_head.weight']))} but the embedding is {rows} x {dim}; the checkpoint is inconsistent"
+        )
     return EmbeddingSpec.hf(tied=tied, bias="lm_head.bias" in tensors)
 
 
@@ -161,6 +171,10 @@ def extend_checkpoint(
     out = Path(out)
     if out.exists():
         raise ExtendError(f"--out {out} already exists; choose a new directory or remove it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExtendError(
+            f"--out {out}: {out.parent} is a file, not a directory; choose another --out"
+        )
     if not out.parent.exists():
         raise ExtendError(
             f"--out {out}: parent directory {out.parent} does not exist; create it first"
@@ -197,7 +211,9 @@ def extend_checkpoint(
     desc_ids = None
     if init == "description":
         by_token = {e.token: e.description for e in entries}
-        desc_ids = description_token_ids(ckpt.tokenizer, [by_token[t] for t in to_add])
+        desc_ids = description_token_ids(
+            ckpt.tokenizer, [by_token[t] for t in to_add], tokens=to_add
+        )
     plan = plan_resize(
         num_rows, num_tokens, num_tokens + len(to_add), pad_to_multiple_of=pad_to_multiple_of
     )

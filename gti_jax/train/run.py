@@ -813,46 +813,30 @@ def _ground(
         process_index=pi,
         process_count=pc,
     )
-    progress = Progress("ground", G, start=start, every=cfg.log_every, enabled=writer)
     guard = _NanGuard(cfg, "ground", 0, resumed_meta)
-    last_saved = start if start else None
-    t_last = time.perf_counter()
-    for step in range(start + 1, G + 1):
-        batch = guard.batch(step, batcher.batch_at(step - 1))
-        params, opt_state, metrics = step_fn(params, opt_state, batch)
-        loss, gnorm, skipped = guard.check(step, metrics, opt_state, last_saved)
-        now = time.perf_counter()
-        tps = float(metrics["tokens"]) / max(now - t_last, 1e-9)
-        t_last = now
-        progress.update(step, loss, tps)
-        # a skipped step has no loss to log; the lines after it count it
-        if not skipped and (step % cfg.log_every == 0 or step == G or step == start + 1):
-            log.metrics(
-                {
-                    "stage": "ground",
-                    "step": step,
-                    "loss": loss,
-                    "lr": float(_lr(opt_state)),
-                    "grad_norm": gnorm,
-                    "tokens_per_s": tps,
-                    **guard.row(),
-                }
-            )
-        final = step == G
-        stopping = stop.should_stop(step)  # once: a SIGTERM may land between two reads
-        if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            ckpt.save(
-                step,
-                _ground_state_tree(params, opt_state),
-                {"stage": "ground", "step": step, "of": G, **guard.meta()},
-                force=True,
-            )
-            last_saved = step
-        if stopping and not final:
-            ckpt.wait()
-            raise Preempted(
-                f"stopped during grounding after step {step}/{G}; checkpoint saved; re-run the same command to resume"
-            )
+
+    def step_once(carry, batch, step):
+        p, o, metrics = step_fn(*carry, batch)
+        return (p, o), metrics
+
+    params, opt_state = _train_loop(
+        cfg,
+        "ground",
+        (params, opt_state),
+        step_once,
+        tree=lambda c: _ground_state_tree(*c),
+        opt_state_of=lambda c: c[1],
+        total=G,
+        offset=0,
+        start=start,
+        batcher=batcher,
+        guard=guard,
+        ckpt=ckpt,
+        log=log,
+        stop=stop,
+        writer=writer,
+        last_saved=start if start else None,
+    )
     state = join_new_rows(state, params, new_range, tied=tied)
     if cfg.export.rows:
         rows = _host(params.embed).astype(np.float32)  # every process (collective)
@@ -869,6 +853,67 @@ def _ground(
             save_rows(run_dir / "grounded_head_rows.safetensors", head, {**meta, "part": "head"})
     log.finish("ground", time.perf_counter() - t0, steps=G, **guard.row(), **guard.meta())
     return nnx.merge(graphdef, state)
+
+
+_STAGE_WORDS = {"ground": "grounding", "sft": "fine-tuning"}
+
+
+def _train_loop(
+    cfg,
+    stage,
+    state,
+    step_once,
+    *,
+    tree,
+    opt_state_of,
+    total,
+    offset,
+    start,
+    batcher,
+    guard,
+    ckpt,
+    log,
+    stop,
+    writer,
+    last_saved,
+):
+    """Steps ``start+1 .. total`` of a stage: NaN guard, progress, metrics, checkpoints, stops.
+
+    ``step_once(state, batch, step) -> (state, metrics)`` is the stage's compiled step;
+    ``tree(state)`` is what a checkpoint holds. Checkpoint steps are global: ``offset + step``.
+    """
+    progress = Progress(stage, total, start=start, every=cfg.log_every, enabled=writer)
+    t_last = time.perf_counter()
+    for step in range(start + 1, total + 1):
+        batch = guard.batch(step, batcher.batch_at(step - 1))
+        tokens = int(np.asarray(batch.attention_mask).sum()) * jax.process_count()
+        state, metrics = step_once(state, batch, step)
+        loss, gnorm, skipped = guard.check(step, metrics, opt_state_of(state), last_saved)
+        now = time.perf_counter()
+        tps = tokens / max(now - t_last, 1e-9)  # input tokens (prompt + completion) per second
+        t_last = now
+        progress.update(step, loss, tps)
+        # a skipped step has no loss to log; the lines after it count it
+        if not skipped and (step % cfg.log_every == 0 or step == total or step == start + 1):
+            row = {
+                "stage": stage,
+                "step": step,
+                "loss": loss,
+                "lr": float(_lr(opt_state_of(state))),
+            }
+            log.metrics({**row, "grad_norm": gnorm, "tokens_per_s": tps, **guard.row()})
+        final = step == total
+        stopping = stop.should_stop(offset + step)  # once: a SIGTERM may land between two reads
+        if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            meta = {"stage": stage, "step": step, "of": total, **guard.meta()}
+            ckpt.save(offset + step, tree(state), meta, force=True)
+            last_saved = offset + step
+        if stopping and not final:
+            ckpt.wait()
+            raise Preempted(
+                f"stopped during {_STAGE_WORDS[stage]} after step {step}/{total}; checkpoint saved; re-run the same command to resume"
+            )
+    return state
 
 
 def _pad_id(model) -> int:
@@ -930,47 +975,26 @@ def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc
         process_index=pi,
         process_count=pc,
     )
-    progress = Progress("sft", S, start=start, every=cfg.log_every, enabled=pi == 0)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     guard = _NanGuard(cfg, "sft", G, resumed_meta)
-    last_saved = G + start if start else (G or None)  # grounding ends with a checkpoint
-    t_last = time.perf_counter()
-    for step in range(start + 1, S + 1):
-        batch = guard.batch(step, batcher.batch_at(step - 1))
-        st, metrics = step_fn(st, batch, jax.random.fold_in(key, step))
-        loss, gnorm, skipped = guard.check(step, metrics, st.opt_state, last_saved)
-        now = time.perf_counter()
-        tps = float(metrics["tokens"]) / max(now - t_last, 1e-9)
-        t_last = now
-        progress.update(step, loss, tps)
-        # a skipped step has no loss to log; the lines after it count it
-        if not skipped and (step % cfg.log_every == 0 or step == S or step == start + 1):
-            log.metrics(
-                {
-                    "stage": "sft",
-                    "step": step,
-                    "loss": loss,
-                    "lr": float(_lr(st.opt_state)),
-                    "grad_norm": gnorm,
-                    "tokens_per_s": tps,
-                    **guard.row(),
-                }
-            )
-        final = step == S
-        stopping = stop.should_stop(G + step)  # once: a SIGTERM may land between two reads
-        if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            ckpt.save(
-                G + step,
-                {"trainable": st.trainable, "opt": st.opt_state},
-                {"stage": "sft", "step": step, "of": S, **guard.meta()},
-                force=True,
-            )
-            last_saved = G + step
-        if stopping and not final:
-            ckpt.wait()
-            raise Preempted(
-                f"stopped during fine-tuning after step {step}/{S}; checkpoint saved; re-run the same command to resume"
-            )
+    st = _train_loop(
+        cfg,
+        "sft",
+        st,
+        lambda st, batch, step: step_fn(st, batch, jax.random.fold_in(key, step)),
+        tree=lambda st: {"trainable": st.trainable, "opt": st.opt_state},
+        opt_state_of=lambda st: st.opt_state,
+        total=S,
+        offset=G,
+        start=start,
+        batcher=batcher,
+        guard=guard,
+        ckpt=ckpt,
+        log=log,
+        stop=stop,
+        writer=pi == 0,
+        last_saved=G + start if start else (G or None),  # grounding ends with a checkpoint
+    )
     model = step_fn.merge(st)
     if lora:
         model = merge_lora(model)

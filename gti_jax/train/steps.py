@@ -402,6 +402,8 @@ class _Compiled:
 
 def _check_batch(batch: Batch, grad_accum: int, shards: int) -> None:
     b = np.shape(batch.input_ids)[0]
+    if not isinstance(batch.input_ids, jax.Array):
+        b *= jax.process_count()  # numpy rows are this process's part of the global batch
     if b % grad_accum:
         raise StepError(
             f"batch of {b} rows is not divisible by grad_accum={grad_accum}; make batch_size "

@@ -246,25 +246,7 @@ EXTEND = {
 }
 
 
-# Known defects of gti_jax/extend.py (not owned by this test module; reported to the lead).
-# strict: once fixed, these fail as XPASS and the marks must go.
-EXTEND_KNOWN_DEFECTS = {
-    "config disagrees with the tensors": "extend writes the checkpoint without checking "
-    "config.json (hidden_size) against the tensors",
-    "out under a file": "extend raises NotADirectoryError (a traceback) when --out's parent is "
-    "a file: it checks parent.exists(), not parent.is_dir()",
-}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=EXTEND_KNOWN_DEFECTS[c]))
-        if c in EXTEND_KNOWN_DEFECTS
-        else c
-        for c in EXTEND
-    ],
-)
+@pytest.mark.parametrize("case", list(EXTEND))
 def test_extend_bad_input(task, short_model, tmp_path, capsys, case):
     make, needles = EXTEND[case]
     work = tmp_path / "work"
