@@ -548,7 +548,7 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     latest = ckpt.latest_step()
     latest_meta = _peek_meta(ckpt, latest)
-    pc, pi = jax.process_count(), jax.process_index()
+    ctx = _Ctx(cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta)
     encode = lambda exs, src: encode_examples(
         tokenizer, exs, max_len=cfg.data.max_len, chat_template=cfg.data.chat_template, source=src
     )  # noqa: E731
@@ -559,22 +559,11 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
         sft_started = latest_meta is not None and latest_meta.get("stage") == "sft"
         if G > 0 and not sft_started:
             model = _ground(
-                cfg,
+                ctx,
                 model,
                 new_range,
                 tied,
                 encode(pairs, str(files.pairs or "generated pairs")),
-                ckpt,
-                latest,
-                latest_meta,
-                log,
-                stop,
-                mesh,
-                rules,
-                pi,
-                pc,
-                run_dir,
-                writer,
                 token_info,
             )
             record("ground", model)
@@ -583,7 +572,7 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
         if cfg.sft.steps > 0:
             aux = _aux_examples(cfg, files, pairs, sft_examples)
             sft_enc = encode(sft_examples + aux, str(files.sft))
-            model = _sft(cfg, model, sft_enc, ckpt, latest_meta, log, stop, mesh, rules, pi, pc)
+            model = _sft(ctx, model, sft_enc)
             record("sft", model)
     finally:
         ckpt.wait()
@@ -742,6 +731,25 @@ def _remove_stale_temps(run_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Ctx:
+    """What the training stages share."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    ckpt: Any
+    log: RunLog
+    stop: _StopFlag
+    mesh: Any
+    rules: dict
+    latest: int | None  # newest complete checkpoint step
+    latest_meta: dict | None  # and its meta (stage, step)
+
+    @property
+    def writer(self) -> bool:
+        return jax.process_index() == 0
+
+
 def _ground_state_tree(params, opt_state):
     p = (
         {"embed": params.embed}
@@ -751,25 +759,10 @@ def _ground_state_tree(params, opt_state):
     return {"params": p, "opt": opt_state}
 
 
-def _ground(
-    cfg,
-    model,
-    new_range,
-    tied,
-    examples,
-    ckpt,
-    latest,
-    latest_meta,
-    log,
-    stop,
-    mesh,
-    rules,
-    pi,
-    pc,
-    run_dir,
-    writer,
-    token_info,
-):
+def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
+    cfg, ckpt, log, stop, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.stop, ctx.mesh, ctx.rules
+    latest, latest_meta, run_dir, writer = ctx.latest, ctx.latest_meta, ctx.run_dir, ctx.writer
+    pi, pc = jax.process_index(), jax.process_count()
     from gti_jax.ground import (
         GroundParams,
         ground_optimizer,
@@ -930,7 +923,10 @@ def _lr(opt_state) -> float:
     return float("nan")
 
 
-def _sft(cfg, model, examples, ckpt, latest_meta, log, stop, mesh, rules, pi, pc):
+def _sft(ctx: _Ctx, model, examples):
+    cfg, ckpt, log, stop, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.stop, ctx.mesh, ctx.rules
+    latest_meta = ctx.latest_meta
+    pi, pc = jax.process_index(), jax.process_count()
     from gti_jax.train.data import Batcher
     from gti_jax.train.lora import apply_lora, merge_lora
     from gti_jax.train.steps import make_sft_step, sft_optimizer
