@@ -760,9 +760,8 @@ def _ground_state_tree(params, opt_state):
 
 
 def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
-    cfg, ckpt, log, stop, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.stop, ctx.mesh, ctx.rules
+    cfg, ckpt, log, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.mesh, ctx.rules
     latest, latest_meta, run_dir, writer = ctx.latest, ctx.latest_meta, ctx.run_dir, ctx.writer
-    pi, pc = jax.process_index(), jax.process_count()
     from gti_jax.ground import (
         GroundParams,
         ground_optimizer,
@@ -771,7 +770,6 @@ def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
         split_new_rows,
     )
     from gti_jax.train.checkpoint import save_rows
-    from gti_jax.train.data import Batcher
 
     G = cfg.ground.steps
     t0 = time.perf_counter()
@@ -797,15 +795,6 @@ def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
         start = int(resumed_meta["step"])
         _log(f"resumed grounding at step {start}/{G} from {ckpt.directory}")
     log.truncate_metrics("ground", start)
-    batcher = Batcher(
-        examples,
-        batch_size=cfg.ground.batch_size,
-        seed=cfg.seed,
-        max_len=cfg.data.max_len,
-        pad_id=_pad_id(model),
-        process_index=pi,
-        process_count=pc,
-    )
     guard = _NanGuard(cfg, "ground", 0, resumed_meta)
 
     def step_once(carry, batch, step):
@@ -813,7 +802,7 @@ def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
         return (p, o), metrics
 
     params, opt_state = _train_loop(
-        cfg,
+        ctx,
         "ground",
         (params, opt_state),
         step_once,
@@ -822,12 +811,10 @@ def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
         total=G,
         offset=0,
         start=start,
-        batcher=batcher,
+        examples=examples,
+        batch_size=cfg.ground.batch_size,
+        data_seed=cfg.seed,
         guard=guard,
-        ckpt=ckpt,
-        log=log,
-        stop=stop,
-        writer=writer,
         last_saved=start if start else None,
     )
     state = join_new_rows(state, params, new_range, tied=tied)
@@ -852,7 +839,7 @@ _STAGE_WORDS = {"ground": "grounding", "sft": "fine-tuning"}
 
 
 def _train_loop(
-    cfg,
+    ctx: _Ctx,
     stage,
     state,
     step_once,
@@ -862,19 +849,30 @@ def _train_loop(
     total,
     offset,
     start,
-    batcher,
+    examples,
+    batch_size,
+    data_seed,
     guard,
-    ckpt,
-    log,
-    stop,
-    writer,
     last_saved,
 ):
     """Steps ``start+1 .. total`` of a stage: NaN guard, progress, metrics, checkpoints, stops.
 
     ``step_once(state, batch, step) -> (state, metrics)`` is the stage's compiled step;
     ``tree(state)`` is what a checkpoint holds. Checkpoint steps are global: ``offset + step``.
+    Batch ``step`` is ``Batcher(examples, seed=data_seed).batch_at(step - 1)``: a pure function
+    of the seed and the step, so a resumed stage sees the batches it would have seen.
     """
+    from gti_jax.train.data import Batcher
+
+    cfg, ckpt, log, stop, writer = ctx.cfg, ctx.ckpt, ctx.log, ctx.stop, ctx.writer
+    batcher = Batcher(
+        examples,
+        batch_size=batch_size,
+        seed=data_seed,
+        max_len=cfg.data.max_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     progress = Progress(stage, total, start=start, every=cfg.log_every, enabled=writer)
     t_last = time.perf_counter()
     for step in range(start + 1, total + 1):
@@ -909,10 +907,6 @@ def _train_loop(
     return state
 
 
-def _pad_id(model) -> int:
-    return 0
-
-
 def _lr(opt_state) -> float:
     """The learning rate last applied, read from optax's injected hyperparameters if any."""
     for leaf_state in jax.tree_util.tree_leaves(
@@ -924,10 +918,8 @@ def _lr(opt_state) -> float:
 
 
 def _sft(ctx: _Ctx, model, examples):
-    cfg, ckpt, log, stop, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.stop, ctx.mesh, ctx.rules
+    cfg, ckpt, log, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.mesh, ctx.rules
     latest_meta = ctx.latest_meta
-    pi, pc = jax.process_index(), jax.process_count()
-    from gti_jax.train.data import Batcher
     from gti_jax.train.lora import apply_lora, merge_lora
     from gti_jax.train.steps import make_sft_step, sft_optimizer
 
@@ -962,19 +954,10 @@ def _sft(ctx: _Ctx, model, examples):
         start = int(resumed_meta["step"])
         _log(f"resumed fine-tuning at step {start}/{S} from {ckpt.directory}")
     log.truncate_metrics("sft", start)
-    batcher = Batcher(
-        examples,
-        batch_size=cfg.sft.batch_size,
-        seed=cfg.seed + 1,
-        max_len=cfg.data.max_len,
-        pad_id=_pad_id(model),
-        process_index=pi,
-        process_count=pc,
-    )
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     guard = _NanGuard(cfg, "sft", G, resumed_meta)
     st = _train_loop(
-        cfg,
+        ctx,
         "sft",
         st,
         lambda st, batch, step: step_fn(st, batch, jax.random.fold_in(key, step)),
@@ -983,12 +966,10 @@ def _sft(ctx: _Ctx, model, examples):
         total=S,
         offset=G,
         start=start,
-        batcher=batcher,
+        examples=examples,
+        batch_size=cfg.sft.batch_size,
+        data_seed=cfg.seed + 1,
         guard=guard,
-        ckpt=ckpt,
-        log=log,
-        stop=stop,
-        writer=pi == 0,
         last_saved=G + start if start else (G or None),  # grounding ends with a checkpoint
     )
     model = step_fn.merge(st)
