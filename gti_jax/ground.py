@@ -45,7 +45,7 @@ from gti_jax.train.steps import (
     accumulate_grads,
     adamw_optimizer,
     batch_sharding,
-    masked_lm_loss,
+    hidden_lm_loss,
     opt_state_shardings,
     put_batch,
     set_compute_dtype,
@@ -264,6 +264,12 @@ def ground_logits(
     Returns:
         ``[B, T, V]`` float32 logits.
     """
+    h = _ground_hidden(model, params, start, input_ids, attention_mask)
+    return _ground_head(model, params, start, h)
+
+
+def _ground_hidden(model, params, start, input_ids, attention_mask):
+    """Final hidden states with new ids embedded from ``params.embed``."""
     n = params.embed.shape[0]
     dtype = model.dtype
     table = model.embed.embedding[...]
@@ -273,6 +279,12 @@ def ground_logits(
     new = jnp.take(params.embed, jnp.clip(rel, 0, n - 1), axis=0).astype(dtype)
     x = jnp.where(is_new[..., None], new, old)
     h, _ = model.hidden_states(x, attention_mask=attention_mask)
+    return h
+
+
+def _ground_head(model, params, start, h):
+    """``[B, L, D]`` hidden states -> ``[B, L, V]`` logits with the new columns from `params`."""
+    dtype = model.dtype
     logits = model.logits(h)
     rows = params.embed if params.head is None else params.head
     new_logits = jnp.einsum(
@@ -283,8 +295,8 @@ def ground_logits(
 
 def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype):
     model = set_compute_dtype(nnx.merge(graphdef, frozen), compute_dtype)
-    logits = ground_logits(model, params, start, batch.input_ids, batch.attention_mask)
-    return masked_lm_loss(logits, batch.input_ids, batch.loss_mask)
+    h = _ground_hidden(model, params, start, batch.input_ids, batch.attention_mask)
+    return hidden_lm_loss(h, batch, lambda x: _ground_head(model, params, start, x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +409,7 @@ class GroundStep:
             self._opt_sh = opt_state_shardings(tx, abstract, self._param_sh, mesh)
             self._batch_sh = batch_sharding(mesh, rules)
             repl = NamedSharding(mesh, PartitionSpec())
-            batch_sh = Batch(self._batch_sh, self._batch_sh, self._batch_sh)
+            batch_sh = self._batch_sh  # a prefix: every field of the batch, targets or not
             self._step = _Compiled(
                 step,
                 in_shardings=(self._param_sh, frozen_sh, self._opt_sh, batch_sh),

@@ -47,6 +47,8 @@ __all__ = [
     "end_of_turn_id",
     "read_candidates",
     "read_examples",
+    "target_positions",
+    "target_width",
 ]
 
 Encoded = tuple[np.ndarray, np.ndarray]
@@ -80,11 +82,17 @@ class Batch(NamedTuple):
         loss_mask: ``[B, T]`` float32; 1 where the token is a target (a completion token or
             the end token). Position ``t`` is predicted from positions ``< t``.
         attention_mask: ``[B, T]`` int32; 1 for real tokens, 0 for padding.
+        targets: optional ``[B, L]`` int32: in each row, the positions ``t`` whose next token
+            ``t + 1`` is a target, padded with -1 (:func:`target_positions`). With it the
+            loss computes logits at those ``L`` positions only instead of all ``T`` (the
+            vocabulary projection is the largest matmul of a small model); without it, at
+            every position. The loss is the same either way.
     """
 
     input_ids: Any
     loss_mask: Any
     attention_mask: Any
+    targets: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,6 +453,48 @@ def default_buckets(max_len: int, smallest: int = 64) -> tuple[int, ...]:
     return tuple(out)
 
 
+def target_width(max_targets: int, length: int, multiple: int = 8) -> int:
+    """The static width ``L`` of :attr:`Batch.targets` for batches of length `length`.
+
+    `max_targets` (the most targets any example of the data set has) rounded up to
+    `multiple`, so that one width serves the whole run (no recompilation per batch), and at
+    most ``length - 1`` (there are only that many predicting positions).
+
+    Example:
+        >>> target_width(5, 64), target_width(5, 4), target_width(0, 64)
+        (8, 3, 1)
+    """
+    width = -(-max(int(max_targets), 1) // multiple) * multiple
+    return max(1, min(width, int(length) - 1))
+
+
+def target_positions(loss_masks: Sequence[np.ndarray], length: int, width: int) -> np.ndarray:
+    """``[B, width]`` int32 :attr:`Batch.targets` for right-padded rows with these masks.
+
+    Row ``b`` lists the positions ``t`` with ``loss_mask[b][t + 1] > 0`` in order, then -1.
+
+    Raises:
+        DataError: a row has more targets than `width` or a mask longer than `length`.
+
+    Example:
+        >>> target_positions([np.array([0, 0, 1, 1.]), np.array([0, 1.])], 4, 3)
+        array([[ 1,  2, -1],
+               [ 0, -1, -1]], dtype=int32)
+    """
+    out = np.full((len(loss_masks), width), -1, np.int32)
+    for row, m in enumerate(loss_masks):
+        if len(m) > length:
+            raise DataError(f"row {row}: {len(m)} tokens do not fit a batch of length {length}")
+        pos = np.flatnonzero(np.asarray(m)[1:] > 0)
+        if len(pos) > width:
+            raise DataError(
+                f"row {row} has {len(pos)} target tokens, more than the target width {width}; "
+                "pass a larger width"
+            )
+        out[row, : len(pos)] = pos
+    return out
+
+
 class Batcher:
     """Deterministic, resumable batches of encoded examples, bucketed by length.
 
@@ -455,6 +505,8 @@ class Batcher:
 
     Shapes: the batch length ``T`` is the smallest bucket that fits the longest example of the
     *global* batch (every process agrees on it); rows are right-padded with `pad_id`.
+    :attr:`Batch.targets` has one width per ``T`` for the whole data set
+    (:func:`target_width`), so a run compiles its step once per bucket.
 
     Multi-process: process `i` of `n` gets rows ``[i * B/n, (i + 1) * B/n)`` of the global
     batch; together the processes cover it exactly.
@@ -513,6 +565,7 @@ class Batcher:
                     f"{ids.shape} and {m.shape}"
                 )
         self._lengths = np.asarray([len(x) for x in self._ids], np.int64)
+        self.max_targets = max(int(np.count_nonzero(m[1:] > 0)) for m in self._masks)
         longest = int(self._lengths.max())
         max_len = longest if max_len is None else int(max_len)
         self.buckets = tuple(int(b) for b in (buckets or default_buckets(max_len)))
@@ -595,4 +648,6 @@ class Batcher:
             ids[row, :n] = self._ids[i]
             mask[row, :n] = self._masks[i]
             attn[row, :n] = 1
-        return Batch(ids, mask, attn)
+        width = target_width(self.max_targets, t)
+        targets = target_positions([self._masks[i] for i in local], t, width)
+        return Batch(ids, mask, attn, targets)

@@ -992,7 +992,10 @@ def _evaluate(
         encode_prompt,
         end_of_turn_id,
         read_candidates,
+        target_positions,
+        target_width,
     )
+    from gti_jax.train.steps import put_batch
 
     results: dict[str, Any] = {}
     if cfg.eval.max_examples is not None:
@@ -1019,9 +1022,8 @@ def _evaluate(
         attn = np.zeros((bs, t), np.int32)
         for r, (x, m) in enumerate(chunk):  # rows past the chunk stay empty (fixed shapes)
             ids[r, : len(x)], lm[r, : len(x)], attn[r, : len(x)] = x, m, 1
-        s, n = _eval_fn(graphdef)(
-            state, Batch(jnp.asarray(ids), jnp.asarray(lm), jnp.asarray(attn))
-        )
+        targets = target_positions(list(lm), t, target_width(buckets.max_targets, t))
+        s, n = _eval_fn(graphdef)(state, put_batch(Batch(ids, lm, attn, targets)))
         loss_sum, count = loss_sum + float(s), count + float(n)
     results["eval_loss"] = loss_sum / max(count, 1.0)
     results["perplexity"] = math.exp(min(results["eval_loss"], 50.0))
@@ -1095,15 +1097,16 @@ _EVAL_CACHE: dict[Any, Any] = {}
 
 
 def _eval_fn(graphdef):
-    from gti_jax.train.steps import masked_lm_loss
+    from gti_jax.train.steps import hidden_lm_loss
 
     if graphdef not in _EVAL_CACHE:
 
         @jax.jit
         def f(state, batch):
             model = nnx.merge(graphdef, state)
-            logits = model(batch.input_ids, attention_mask=batch.attention_mask)
-            return masked_lm_loss(logits, batch.input_ids, batch.loss_mask)
+            x = model.embed(batch.input_ids)
+            h, _ = model.hidden_states(x, attention_mask=batch.attention_mask)
+            return hidden_lm_loss(h, batch, model.logits)
 
         _EVAL_CACHE[graphdef] = f
     return _EVAL_CACHE[graphdef]

@@ -10,6 +10,8 @@ Both stages (this SFT step and the grounding step of `gti_jax.ground`) share:
 
 * :func:`masked_lm_loss`: next-token cross-entropy in float32 over the loss-mask tokens,
   returned as ``(sum, count)`` so that micro-batches and devices combine exactly;
+  :func:`hidden_lm_loss` is the same loss from final hidden states, projecting to the
+  vocabulary only at the target positions (``Batch.targets``) when the batch lists them;
 * :func:`accumulate_grads`: gradient accumulation over ``grad_accum`` micro-batches with a
   `lax.scan` (one compiled body), normalized by the token count of the whole batch;
 * :func:`lr_schedule`: linear warm-up then cosine decay (or constant);
@@ -50,6 +52,7 @@ __all__ = [
     "adamw_optimizer",
     "batch_sharding",
     "current_lr",
+    "hidden_lm_loss",
     "lr_schedule",
     "make_sft_step",
     "masked_lm_loss",
@@ -99,6 +102,45 @@ def masked_lm_loss(
     weights = loss_mask[:, 1:].astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum((lse - picked) * weights), jnp.sum(weights)
+
+
+def hidden_lm_loss(
+    h: jax.Array, batch: Batch, head: Callable[[jax.Array], jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`masked_lm_loss` from final hidden states ``[B, T, D]`` and a vocabulary head.
+
+    With ``batch.targets`` (``[B, L]`` positions, -1 = none) the head runs on the ``L``
+    gathered positions only, so the ``[., D] x [D, V]`` projection and its gradient cost
+    ``L / T`` of the full one (completions are short: a few semantic-ID tokens after a long
+    prompt); the result equals the full computation. Without it, every position is projected.
+
+    Args:
+        h: final hidden states.
+        batch: the batch (``input_ids``, ``loss_mask`` and optionally ``targets``).
+        head: ``[B, L, D] -> [B, L, V]`` logits (e.g. ``model.logits``).
+
+    Returns:
+        ``(loss_sum, num_targets)``, float32 scalars.
+
+    Example:
+        >>> b = Batch(jnp.array([[0, 1, 2]]), jnp.array([[0., 1., 1.]]), None, jnp.array([[0, 1]]))
+        >>> s, n = hidden_lm_loss(jnp.zeros((1, 3, 2)), b, lambda x: jnp.zeros((*x.shape[:2], 4)))
+        >>> round(float(s / n), 4), float(n)
+        (1.3863, 2.0)
+    """
+    if batch.targets is None:
+        return masked_lm_loss(head(h), batch.input_ids, batch.loss_mask)
+    pos = batch.targets.astype(jnp.int32)
+    valid = pos >= 0
+    pos = jnp.maximum(pos, 0)
+    picked_h = jnp.take_along_axis(h, pos[..., None], axis=1)
+    targets = jnp.take_along_axis(batch.input_ids.astype(jnp.int32), pos + 1, axis=1)
+    weights = jnp.take_along_axis(batch.loss_mask.astype(jnp.float32), pos + 1, axis=1)
+    weights = jnp.where(valid, weights, 0.0)
+    logits = head(picked_h).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((lse - picked) * weights), jnp.sum(weights)
 
 
@@ -356,7 +398,7 @@ def put_batch(batch: Batch, sharding: NamedSharding | None = None) -> Batch:
     """
 
     def one(x):
-        if isinstance(x, jax.Array):
+        if x is None or isinstance(x, jax.Array):
             return x
         x = np.asarray(x)
         if sharding is None:
@@ -500,8 +542,10 @@ class SFTStep:
             set_compute_dtype(model, compute_dtype)
             if train and dropout:
                 _train_mode(model, key)
-            logits = model(batch.input_ids, attention_mask=batch.attention_mask)
-            return masked_lm_loss(logits, batch.input_ids, batch.loss_mask)
+            h, _ = model.hidden_states(
+                model.embed(batch.input_ids), attention_mask=batch.attention_mask
+            )
+            return hidden_lm_loss(h, batch, model.logits)
 
         def step(trainable, frozen, opt_state, batch, key):
             f = lambda p, b, k: loss_sums(p, frozen, b, k, True)
@@ -524,7 +568,7 @@ class SFTStep:
             self._opt_sh = opt_state_shardings(tx, trainable, self._param_sh, mesh)
             self._batch_sh = batch_sharding(mesh, rules)
             repl = NamedSharding(mesh, PartitionSpec())
-            batch_sh = Batch(self._batch_sh, self._batch_sh, self._batch_sh)
+            batch_sh = self._batch_sh  # a prefix: every field of the batch, targets or not
             self._step = _Compiled(
                 step,
                 in_shardings=(self._param_sh, self._frozen_sh, self._opt_sh, batch_sh, repl),

@@ -16,7 +16,7 @@ from gti_jax.ground import ground_optimizer, make_ground_step, split_new_rows
 from gti_jax.models import LlamaConfig, LlamaForCausalLM
 from gti_jax.models.sharding import make_mesh, state_shardings
 from gti_jax.train.config import GroundConfig, SFTConfig
-from gti_jax.train.data import Batch
+from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.lora import apply_lora
 from gti_jax.train.steps import make_sft_step, sft_optimizer
 
@@ -38,14 +38,17 @@ def _model(tied: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
 
 
-def _batch(seed: int) -> Batch:
+def _batch(seed: int, targets: bool = False) -> Batch:
+    """Sharded runs list target positions (logits there only); references use every position."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, VOCAB, size=(8, 12)).astype(np.int32)
     ids[:, 2] = rng.integers(NEW.start, NEW.stop, size=8)
     ids[:, -1] = rng.integers(NEW.start, NEW.stop, size=8)
     mask = np.zeros((8, 12), np.float32)
     mask[:, 5:] = 1.0
-    return Batch(ids, mask, np.ones((8, 12), np.int32))
+    mask[3, 5:9] = 0.0  # rows with different numbers of targets
+    pos = target_positions(list(mask), 12, 8) if targets else None
+    return Batch(ids, mask, np.ones((8, 12), np.int32), pos)
 
 
 def _close(a, b):
@@ -70,7 +73,7 @@ def _run_ground(mesh, tied, accum):
     params, opt = step.init(split_new_rows(state, NEW, tied=tied))
     losses = []
     for s in range(2):
-        params, opt, m = step(params, opt, _batch(s))
+        params, opt, m = step(params, opt, _batch(s, targets=mesh is not None))
         losses.append(float(m["loss"]))
     return step, params, opt, losses
 
@@ -112,7 +115,7 @@ def _run_sft(mesh, lora, accum):
     state = step.init(model)
     losses = []
     for s in range(2):
-        state, m = step(state, _batch(s), jax.random.key(s))
+        state, m = step(state, _batch(s, targets=mesh is not None), jax.random.key(s))
         losses.append(float(m["loss"]))
     return step, state, losses
 

@@ -20,8 +20,8 @@ from gti_jax.ground import (
 )
 from gti_jax.models import LlamaConfig, LlamaForCausalLM
 from gti_jax.train.config import GroundConfig
-from gti_jax.train.data import Batch
-from gti_jax.train.steps import lr_schedule, masked_lm_loss
+from gti_jax.train.data import Batch, target_positions
+from gti_jax.train.steps import hidden_lm_loss, lr_schedule, masked_lm_loss
 
 VOCAB, DIM = 64, 16
 NEW = range(52, 60)  # rows 60..63 are padding rows that stay frozen
@@ -154,6 +154,53 @@ def test_step_loss_equals_model_with_joined_rows(tied):
         / (float(n) + float(step.loss(params, _batch(4))[1])),
         rel=1e-6,
     )
+
+
+def _with_targets(batch: Batch, width: int = 8) -> Batch:
+    t = batch.input_ids.shape[1]
+    return batch._replace(targets=target_positions(list(batch.loss_mask), t, width))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_target_positions_give_the_full_logits_step(tied):
+    """Projecting only the target positions changes nothing but the cost."""
+    graphdef, state = nnx.split(_model(tied, seed=2))
+    params = split_new_rows(state, NEW, tied=tied)
+    out = []
+    for batch in (_batch(0), _with_targets(_batch(0))):
+        step = make_ground_step(graphdef, state, NEW, _tx(), tied=tied, grad_accum=2)
+        p, o = step.init(params)
+        for _ in range(2):
+            p, o, m = step(p, o, batch)
+        out.append((_np(p), float(m["loss"]), float(m["grad_norm"]), float(m["tokens"])))
+    assert out[0][1:] == pytest.approx(out[1][1:], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_lm_loss_matches_masked_loss_and_its_gradient():
+    rng = np.random.default_rng(0)
+    b, t, d, v = 3, 9, 5, 7
+    ids = jnp.asarray(rng.integers(0, v, size=(b, t)), jnp.int32)
+    mask = rng.uniform(0.2, 1.0, size=(b, t)) * (rng.uniform(size=(b, t)) < 0.5)
+    mask[2] = 0.0  # a row without targets
+    mask = jnp.asarray(mask, jnp.float32)
+    h = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    full = Batch(ids, mask, jnp.ones((b, t), jnp.int32))
+    sparse = _with_targets(full, width=t - 1)
+
+    def loss(h, w, batch):
+        s, n = hidden_lm_loss(h, batch, lambda x: x @ w)
+        return s / n
+
+    ref_s, ref_n = masked_lm_loss(h @ w, ids, mask)
+    assert float(loss(h, w, sparse)) == pytest.approx(float(ref_s / ref_n), rel=1e-6)
+    assert float(loss(h, w, full)) == pytest.approx(float(ref_s / ref_n), rel=1e-6)
+    g_full = jax.grad(loss, argnums=(0, 1))(h, w, full)
+    g_sparse = jax.grad(loss, argnums=(0, 1))(h, w, sparse)
+    for a, c in zip(g_full, g_sparse, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
 
 
 def test_grad_accumulation_matches_one_shot():

@@ -10,7 +10,7 @@ from flax import nnx
 
 from gti_jax.models import LlamaConfig, LlamaForCausalLM
 from gti_jax.train.config import SFTConfig
-from gti_jax.train.data import Batch
+from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.lora import LoRAError, LoRAParam, apply_lora, lora_modules, merge_lora
 from gti_jax.train.steps import StepError, make_sft_step, sft_optimizer
 
@@ -161,3 +161,25 @@ def test_errors():
         _lora(_lora(model))
     with pytest.raises(StepError, match="call gti_jax.train.lora.apply_lora"):
         make_sft_step(model, _tx(), lora=True)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_step_with_target_positions_equals_full_logits(lora):
+    """``Batch.targets`` (logits at target positions only) gives the same step."""
+    out = []
+    for with_targets in (False, True):
+        model = _model(False)
+        if lora:
+            model = _lora(model)
+        step = make_sft_step(model, _tx(lr=1e-3), lora=lora)
+        state = step.init(model)
+        batch = _batch(0)
+        batch.loss_mask[1, :7] = 0.0  # rows with different numbers of targets
+        if with_targets:
+            batch = batch._replace(targets=target_positions(list(batch.loss_mask), 10, 8))
+        for _ in range(2):
+            state, m = step(state, batch)
+        out.append((float(m["loss"]), float(m["grad_norm"]), _flat(state.trainable)))
+    assert out[0][:2] == pytest.approx(out[1][:2], rel=1e-5)
+    for k, v in out[0][2].items():
+        np.testing.assert_allclose(v, out[1][2][k], rtol=1e-5, atol=1e-6)

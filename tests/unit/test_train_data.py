@@ -19,6 +19,8 @@ from gti_jax.train.data import (
     end_of_turn_id,
     read_candidates,
     read_examples,
+    target_positions,
+    target_width,
 )
 from tests.helpers.tokenizers import IM_END, tiny_tokenizer
 
@@ -221,7 +223,7 @@ def test_batcher_process_slices_cover_global_batch():
         whole = glob.batch_at(step)
         pieces = [p.batch_at(step) for p in parts]
         assert all(p.input_ids.shape == (2, whole.input_ids.shape[1]) for p in pieces)
-        for field in range(3):
+        for field in range(4):
             np.testing.assert_array_equal(np.concatenate([p[field] for p in pieces]), whole[field])
 
 
@@ -235,3 +237,33 @@ def test_batcher_errors():
         Batcher([], batch_size=2, seed=0)
     with pytest.raises(DataError, match="ascending"):
         Batcher(ex, batch_size=2, seed=0, buckets=(64, 32))
+
+
+def test_batcher_targets_list_every_loss_position_once():
+    rng = np.random.default_rng(0)
+    ex = []
+    for n in (3, 9, 17, 5, 12, 2):
+        mask = np.zeros(n, np.float32)
+        mask[rng.integers(0, n, size=n // 2 + 1)] = rng.uniform(0.5, 1.0)
+        ex.append((np.arange(1, n + 1, dtype=np.int32), mask))
+    batcher = Batcher(ex, batch_size=3, seed=0, buckets=(8, 16, 32))
+    widths = {}
+    for step in range(8):
+        batch = batcher.batch_at(step)
+        t = batch.input_ids.shape[1]
+        width = widths.setdefault(t, batch.targets.shape[1])
+        assert batch.targets.shape == (3, width) and batch.targets.dtype == np.int32
+        assert width == target_width(batcher.max_targets, t)  # one width per bucket
+        for row in range(3):
+            want = np.flatnonzero(batch.loss_mask[row, 1:] > 0)
+            got = batch.targets[row]
+            np.testing.assert_array_equal(got[: len(want)], want)
+            assert (got[len(want) :] == -1).all()
+
+
+def test_target_width_and_errors():
+    assert target_width(9, 64) == 16 and target_width(9, 12) == 11 and target_width(3, 2) == 1
+    with pytest.raises(DataError, match="row 0 has 3 target tokens, more than the target width 2"):
+        target_positions([np.array([0, 1, 1, 1.0])], 4, 2)
+    with pytest.raises(DataError, match="row 0: 5 tokens do not fit a batch of length 4"):
+        target_positions([np.ones(5)], 4, 8)
