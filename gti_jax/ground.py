@@ -31,6 +31,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -56,6 +57,8 @@ __all__ = [
     "GroundParams",
     "GroundStep",
     "eval_loss",
+    "grad_free_prefix",
+    "shared_prefix",
     "ground_logits",
     "ground_optimizer",
     "join_new_rows",
@@ -268,8 +271,13 @@ def ground_logits(
     return _ground_head(model, params, start, h)
 
 
-def _ground_hidden(model, params, start, input_ids, attention_mask):
-    """Final hidden states with new ids embedded from ``params.embed``."""
+def _ground_hidden(model, params, start, input_ids, attention_mask, prefix=0):
+    """Final hidden states with new ids embedded from ``params.embed``.
+
+    With ``prefix > 0`` the first `prefix` positions (which must hold no new id in any row:
+    :func:`grad_free_prefix`) run forward into a KV cache outside the gradient, and only the
+    remaining positions are differentiated; the values are those of one full pass.
+    """
     n = params.embed.shape[0]
     dtype = model.dtype
     table = model.embed.embedding[...]
@@ -278,8 +286,58 @@ def _ground_hidden(model, params, start, input_ids, attention_mask):
     old = jnp.take(table, input_ids, axis=0).astype(dtype)
     new = jnp.take(params.embed, jnp.clip(rel, 0, n - 1), axis=0).astype(dtype)
     x = jnp.where(is_new[..., None], new, old)
-    h, _ = model.hidden_states(x, attention_mask=attention_mask)
-    return h
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if not prefix:
+        h, _ = model.hidden_states(x, attention_mask=attention_mask)
+        return h
+    b, t = input_ids.shape
+    head = jax.lax.stop_gradient(x[:, :prefix])
+    h_head, cache = model.hidden_states(
+        head, attention_mask=attention_mask[:, :prefix], cache=model.init_cache(b, t)
+    )
+    h_tail, _ = model.hidden_states(
+        x[:, prefix:], attention_mask=attention_mask[:, prefix:], cache=jax.lax.stop_gradient(cache)
+    )
+    return jnp.concatenate([jax.lax.stop_gradient(h_head), h_tail], axis=1)
+
+
+_PREFIX_MULTIPLE = 16
+
+
+def grad_free_prefix(
+    input_ids: Any, attention_mask: Any, new_ids: range, *, multiple: int = _PREFIX_MULTIPLE
+) -> int:
+    """The length of the leading positions that no gradient of the new rows passes through.
+
+    The largest multiple of `multiple` such that, in every row, the positions before it hold
+    real tokens (no padding) and no new id; at least `multiple` positions are left after it.
+    With a frozen backbone, hidden states there do not depend on the trained rows, so the
+    grounding step computes them without a backward pass. Rounding to `multiple` bounds the
+    number of compiled variants of the step.
+
+    Args:
+        input_ids: ``[B, T]`` numpy ids (the whole batch of every process).
+        attention_mask: ``[B, T]`` 1/0, or None (all real).
+        new_ids: the trained ids.
+        multiple: the granularity.
+
+    Returns:
+        The prefix length (0 when there is none worth splitting off).
+
+    Example:
+        >>> ids = np.array([[1, 2, 3, 4, 9, 5], [1, 2, 3, 4, 5, 9]])
+        >>> grad_free_prefix(ids, None, range(9, 10), multiple=2)
+        4
+    """
+    ids = np.asarray(input_ids)
+    blocked = (ids >= new_ids.start) & (ids < new_ids.stop)
+    if attention_mask is not None:
+        blocked |= np.asarray(attention_mask) == 0
+    t = ids.shape[1]
+    first = np.where(blocked.any(axis=1), blocked.argmax(axis=1), t)
+    prefix = int(first.min()) // multiple * multiple
+    return min(prefix, max(0, (t - multiple) // multiple * multiple))
 
 
 def _ground_head(model, params, start, h):
@@ -293,9 +351,31 @@ def _ground_head(model, params, start, h):
     return jax.lax.dynamic_update_slice(logits, new_logits, (0, 0, start))
 
 
-def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype):
+def shared_prefix(rows: Iterable[Any], new_ids: range, *, multiple: int = _PREFIX_MULTIPLE) -> int:
+    """The gradient-free prefix that every example shares (an upper bound for every batch).
+
+    The shortest run of leading non-new tokens over `rows` (1-D id arrays, unpadded; a row
+    without new ids counts with its length), rounded down to `multiple`. A trainer passes it
+    as ``max_prefix`` so that every batch uses the same prefix (one compiled step per batch
+    length) and so that several processes, each seeing only its own rows, agree on it.
+
+    Example:
+        >>> shared_prefix([np.array([1, 2, 3, 9, 4]), np.array([1, 2, 3, 4, 5, 9])],
+        ...               range(9, 10), multiple=2)
+        2
+    """
+    first = None
+    for row in rows:
+        ids = np.asarray(row)
+        hits = np.flatnonzero((ids >= new_ids.start) & (ids < new_ids.stop))
+        f = int(hits[0]) if len(hits) else len(ids)
+        first = f if first is None else min(first, f)
+    return 0 if first is None else first // multiple * multiple
+
+
+def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype, prefix=0):
     model = set_compute_dtype(nnx.merge(graphdef, frozen), compute_dtype)
-    h = _ground_hidden(model, params, start, batch.input_ids, batch.attention_mask)
+    h = _ground_hidden(model, params, start, batch.input_ids, batch.attention_mask, prefix)
     return hidden_lm_loss(h, batch, lambda x: _ground_head(model, params, start, x))
 
 
@@ -355,7 +435,19 @@ class GroundStep:
     """
 
     def __init__(
-        self, graphdef, frozen_state, new_ids, tx, *, tied, compute_dtype, grad_accum, mesh, rules
+        self,
+        graphdef,
+        frozen_state,
+        new_ids,
+        tx,
+        *,
+        tied,
+        compute_dtype,
+        grad_accum,
+        mesh,
+        rules,
+        split_prefix=True,
+        max_prefix=None,
     ):
         start, n = _check_ids(new_ids)
         if grad_accum < 1:
@@ -374,15 +466,23 @@ class GroundStep:
         self.graphdef, self.start, self.num_new, self.tied = graphdef, start, n, bool(tied)
         self.tx, self.mesh, self.rules, self.grad_accum = tx, mesh, rules, int(grad_accum)
         self.compute_dtype = compute_dtype
+        self.split_prefix = bool(split_prefix)
+        self.max_prefix = None if max_prefix is None else int(max_prefix)
         dim = model.config.hidden_size
 
-        def loss_fn(params, batch, key, frozen):
+        def loss_fn(params, batch, key, frozen, prefix=0):
             return _loss_sums(
-                graphdef, frozen, params, batch, start=start, compute_dtype=compute_dtype
+                graphdef,
+                frozen,
+                params,
+                batch,
+                start=start,
+                compute_dtype=compute_dtype,
+                prefix=prefix,
             )
 
-        def step(params, frozen, opt_state, batch):
-            f = lambda p, b, k: loss_fn(p, b, k, frozen)
+        def step(params, frozen, opt_state, batch, prefix):
+            f = lambda p, b, k: loss_fn(p, b, k, frozen, prefix)
             loss, count, grads = accumulate_grads(f, params, batch, self.grad_accum)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -395,7 +495,7 @@ class GroundStep:
         if mesh is None:
             self.frozen_state = frozen_state
             self._param_sh = self._opt_sh = self._batch_sh = None
-            self._step = _Compiled(step, donate_argnums=(0, 2))
+            self._step = _Compiled(step, donate_argnums=(0, 2), static_argnums=(4,))
             self._eval = _Compiled(evaluate)
         else:
             frozen_sh = state_shardings(frozen_state, mesh, rules)
@@ -415,6 +515,7 @@ class GroundStep:
                 in_shardings=(self._param_sh, frozen_sh, self._opt_sh, batch_sh),
                 out_shardings=(self._param_sh, self._opt_sh, repl),
                 donate_argnums=(0, 2),
+                static_argnums=(4,),
             )
             self._eval = _Compiled(
                 evaluate,
@@ -467,8 +568,34 @@ class GroundStep:
             ``grad_norm`` (before clipping), ``tokens`` (targets in the batch).
         """
         _check_batch(batch, self.grad_accum, self._shards)
+        prefix = self.prefix_for(batch)
         batch = put_batch(batch, self._batch_sh)
-        return self._step(params, self.frozen_state, opt_state, batch)
+        return self._step(params, self.frozen_state, opt_state, batch, prefix)
+
+    def prefix_for(self, batch: Batch) -> int:
+        """The gradient-free prefix the step uses for `batch` (:func:`grad_free_prefix`).
+
+        At most ``max_prefix`` when one was given. 0 (no split) when ``split_prefix`` is off.
+        When this process cannot see the whole batch (several processes: each holds its own
+        rows, and all must compile the same step) it is ``max_prefix`` (which the caller
+        guarantees for every row, e.g. :func:`shared_prefix` of the data set), or 0 without.
+        """
+        if not self.split_prefix:
+            return 0
+        ids = batch.input_ids
+        t = np.shape(ids)[1]
+        cap = max(0, (t - _PREFIX_MULTIPLE) // _PREFIX_MULTIPLE * _PREFIX_MULTIPLE)
+        bound = cap if self.max_prefix is None else min(cap, self.max_prefix)
+        local = jax.process_count() > 1 or (
+            isinstance(ids, jax.Array) and not ids.is_fully_addressable
+        )
+        if local:
+            return 0 if self.max_prefix is None else bound
+        mask = batch.attention_mask
+        found = grad_free_prefix(
+            np.asarray(ids), None if mask is None else np.asarray(mask), self.new_ids
+        )
+        return min(found, bound)
 
     def loss(self, params: GroundParams, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Evaluation sums ``(loss_sum, num_targets)`` on one batch."""
@@ -487,6 +614,8 @@ def make_ground_step(
     grad_accum: int = 1,
     mesh: Mesh | None = None,
     rules: Rules = LOGICAL_RULES,
+    split_prefix: bool = True,
+    max_prefix: int | None = None,
 ) -> GroundStep:
     """Builds the compiled GTI step: only the new rows train, the model state stays frozen.
 
@@ -508,6 +637,12 @@ def make_ground_step(
         mesh: device mesh; None: one device. The model state is sharded by its logical axes,
             the rows on their embedding dimension (rules' ``embed`` axis), the batch on rows.
         rules: logical axis rules.
+        split_prefix: run each batch's new-token-free prefix forward without gradient
+            (:func:`grad_free_prefix`; one compiled step per prefix length). Same results;
+            False compiles one step per batch shape and differentiates every position.
+        max_prefix: an upper bound on the prefix, true for every row of every batch; a
+            trainer passes :func:`shared_prefix` of its data so every batch of a length
+            shares one compiled step (and processes that see only their own rows agree).
 
     Returns:
         A :class:`GroundStep`: ``params, opt_state = step.init(params)``, then
@@ -530,6 +665,8 @@ def make_ground_step(
         grad_accum=grad_accum,
         mesh=mesh,
         rules=rules,
+        split_prefix=split_prefix,
+        max_prefix=max_prefix,
     )
 
 

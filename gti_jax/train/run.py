@@ -767,6 +767,7 @@ def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
         ground_optimizer,
         join_new_rows,
         make_ground_step,
+        shared_prefix,
         split_new_rows,
     )
     from gti_jax.train.checkpoint import save_rows
@@ -785,6 +786,7 @@ def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
         grad_accum=cfg.ground.grad_accum,
         mesh=mesh,
         rules=rules,
+        max_prefix=shared_prefix((ids for ids, _ in examples), new_range),
     )
     params, opt_state = step_fn.init(split_new_rows(state, new_range, tied=tied))
     start, resumed_meta = 0, None

@@ -426,14 +426,16 @@ def opt_state_shardings(
 class _Compiled:
     """A jitted function with an optional mesh placement and a trace counter."""
 
-    def __init__(self, fn, *, in_shardings=None, out_shardings=None, donate_argnums=()):
+    def __init__(
+        self, fn, *, in_shardings=None, out_shardings=None, donate_argnums=(), static_argnums=()
+    ):
         self.traces = 0
 
         def counted(*args):
             self.traces += 1
             return fn(*args)
 
-        kw: dict[str, Any] = {"donate_argnums": donate_argnums}
+        kw: dict[str, Any] = {"donate_argnums": donate_argnums, "static_argnums": static_argnums}
         if in_shardings is not None:
             kw.update(in_shardings=in_shardings, out_shardings=out_shardings)
         self.fn = jax.jit(counted, **kw)

@@ -39,16 +39,21 @@ def _model(tied: bool) -> LlamaForCausalLM:
 
 
 def _batch(seed: int, targets: bool = False) -> Batch:
-    """Sharded runs list target positions (logits there only); references use every position."""
+    """Sharded runs list target positions (logits there only); references use every position.
+
+    New tokens come after a shared 16-token prompt, so sharded grounding also runs its
+    gradient-free prefix (the references differentiate every position).
+    """
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, VOCAB, size=(8, 12)).astype(np.int32)
-    ids[:, 2] = rng.integers(NEW.start, NEW.stop, size=8)
+    t = 36
+    ids = rng.integers(0, NEW.start, size=(8, t)).astype(np.int32)
+    ids[:, 18] = rng.integers(NEW.start, NEW.stop, size=8)
     ids[:, -1] = rng.integers(NEW.start, NEW.stop, size=8)
-    mask = np.zeros((8, 12), np.float32)
-    mask[:, 5:] = 1.0
-    mask[3, 5:9] = 0.0  # rows with different numbers of targets
-    pos = target_positions(list(mask), 12, 8) if targets else None
-    return Batch(ids, mask, np.ones((8, 12), np.int32), pos)
+    mask = np.zeros((8, t), np.float32)
+    mask[:, 26:] = 1.0
+    mask[3, 26:30] = 0.0  # rows with different numbers of targets
+    pos = target_positions(list(mask), t, 16) if targets else None
+    return Batch(ids, mask, np.ones((8, t), np.int32), pos)
 
 
 def _close(a, b):
@@ -69,10 +74,20 @@ def _ref_sft(lora):
 def _run_ground(mesh, tied, accum):
     graphdef, state = nnx.split(_model(tied))
     tx = ground_optimizer(GroundConfig(steps=4, lr=1e-3, warmup_steps=0))
-    step = make_ground_step(graphdef, state, NEW, tx, tied=tied, grad_accum=accum, mesh=mesh)
+    step = make_ground_step(
+        graphdef,
+        state,
+        NEW,
+        tx,
+        tied=tied,
+        grad_accum=accum,
+        mesh=mesh,
+        split_prefix=mesh is not None,
+    )
     params, opt = step.init(split_new_rows(state, NEW, tied=tied))
     losses = []
     for s in range(2):
+        assert step.prefix_for(_batch(s)) == (16 if mesh is not None else 0)
         params, opt, m = step(params, opt, _batch(s, targets=mesh is not None))
         losses.append(float(m["loss"]))
     return step, params, opt, losses

@@ -13,9 +13,11 @@ from gti_jax.ground import (
     GroundError,
     GroundParams,
     eval_loss,
+    grad_free_prefix,
     ground_optimizer,
     join_new_rows,
     make_ground_step,
+    shared_prefix,
     split_new_rows,
 )
 from gti_jax.models import LlamaConfig, LlamaForCausalLM
@@ -201,6 +203,76 @@ def test_hidden_lm_loss_matches_masked_loss_and_its_gradient():
     g_sparse = jax.grad(loss, argnums=(0, 1))(h, w, sparse)
     for a, c in zip(g_full, g_sparse, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
+
+
+def _late_batch(seed: int, b: int = 4, t: int = 44) -> Batch:
+    """Rows whose new tokens come late (a shared prompt first), some right-padded."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, NEW.start, size=(b, t)).astype(np.int32)
+    first = rng.integers(18, 30, size=b)
+    for r in range(b):
+        ids[r, first[r]] = rng.integers(NEW.start, NEW.stop)
+    ids[:, -3] = rng.integers(NEW.start, NEW.stop, size=b)
+    mask = np.zeros((b, t), np.float32)
+    mask[:, 34:] = 1.0
+    attn = np.ones((b, t), np.int32)
+    attn[1, -2:] = 0
+    mask[1, -2:] = 0
+    return Batch(ids, mask, attn, target_positions(list(mask), t, t - 1))
+
+
+def test_grad_free_prefix():
+    ids = np.zeros((2, 64), np.int32)
+    ids[0, 40], ids[1, 50] = NEW.start, NEW.stop - 1
+    assert grad_free_prefix(ids, None, NEW) == 32
+    attn = np.ones((2, 64), np.int32)
+    attn[1, 20:] = 0  # padding ends the prefix too
+    assert grad_free_prefix(ids, attn, NEW) == 16
+    assert grad_free_prefix(ids, attn, NEW, multiple=8) == 16
+    free = np.zeros((2, 64), np.int32)  # no new token at all: leave >= `multiple` positions
+    assert grad_free_prefix(free, None, NEW) == 48
+    ids[0, 3] = NEW.start
+    assert grad_free_prefix(ids, None, NEW) == 0
+    assert _late_batch(0).input_ids.shape == (4, 44)
+    assert grad_free_prefix(_late_batch(0).input_ids, _late_batch(0).attention_mask, NEW) == 16
+    rows = [np.zeros(40, np.int32), np.zeros(20, np.int32)]
+    rows[0][35] = NEW.start
+    assert shared_prefix(rows, NEW) == 16  # the short row without new ids bounds it
+    rows[1][5] = NEW.start
+    assert shared_prefix(rows, NEW) == 0 and shared_prefix([], NEW) == 0
+
+
+def test_max_prefix_bounds_the_prefix():
+    graphdef, state = nnx.split(_model(True))
+    step = make_ground_step(graphdef, state, NEW, _tx(), tied=True, max_prefix=16)
+    late = _late_batch(0, t=64)
+    late.input_ids[:, :33] %= NEW.start
+    late.input_ids[:, 33] = NEW.start  # the first new id at 33: the batch alone allows 32
+    assert grad_free_prefix(late.input_ids, late.attention_mask, NEW) == 32
+    assert step.prefix_for(late) == 16
+    off = make_ground_step(graphdef, state, NEW, _tx(), tied=True, split_prefix=False)
+    assert off.prefix_for(late) == 0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_grad_free_prefix_step_equals_full_backward(tied):
+    """Skipping the backward pass over the shared prefix changes nothing but the cost."""
+    graphdef, state = nnx.split(_model(tied, seed=3))
+    params = split_new_rows(state, NEW, tied=tied)
+    out = []
+    for split in (False, True):
+        step = make_ground_step(
+            graphdef, state, NEW, _tx(), tied=tied, grad_accum=2, split_prefix=split
+        )
+        p, o = step.init(params)
+        for s in range(2):
+            assert step.prefix_for(_late_batch(s)) == (16 if split else 0)
+            p, o, m = step(p, o, _late_batch(s))
+        out.append((_np(p), float(m["loss"]), float(m["grad_norm"])))
+        assert step.traces == 1
+    assert out[0][1:] == pytest.approx(out[1][1:], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_grad_accumulation_matches_one_shot():

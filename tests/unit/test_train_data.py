@@ -156,8 +156,9 @@ def _examples(lengths, seed=0):
 
 
 def test_default_buckets():
-    assert default_buckets(256) == (64, 128, 256)
-    assert default_buckets(300) == (64, 128, 256, 300)
+    assert default_buckets(256) == (64, 96, 128, 192, 256)
+    assert default_buckets(300) == (64, 96, 128, 192, 256, 300)
+    assert default_buckets(128) == (64, 96, 128) and default_buckets(100) == (64, 96, 100)
     assert default_buckets(10) == (10,)
 
 
