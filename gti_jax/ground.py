@@ -305,6 +305,11 @@ def _ground_hidden(model, params, start, input_ids, attention_mask, prefix=0):
 _PREFIX_MULTIPLE = 16
 
 
+def _prefix_cap(length: int, multiple: int) -> int:
+    """The longest prefix of a `length`-token batch that leaves >= `multiple` positions."""
+    return max(0, (length - multiple) // multiple * multiple)
+
+
 def grad_free_prefix(
     input_ids: Any, attention_mask: Any, new_ids: range, *, multiple: int = _PREFIX_MULTIPLE
 ) -> int:
@@ -336,8 +341,7 @@ def grad_free_prefix(
         blocked |= np.asarray(attention_mask) == 0
     t = ids.shape[1]
     first = np.where(blocked.any(axis=1), blocked.argmax(axis=1), t)
-    prefix = int(first.min()) // multiple * multiple
-    return min(prefix, max(0, (t - multiple) // multiple * multiple))
+    return min(int(first.min()) // multiple * multiple, _prefix_cap(t, multiple))
 
 
 def _ground_head(model, params, start, h):
@@ -583,8 +587,7 @@ class GroundStep:
         if not self.split_prefix:
             return 0
         ids = batch.input_ids
-        t = np.shape(ids)[1]
-        cap = max(0, (t - _PREFIX_MULTIPLE) // _PREFIX_MULTIPLE * _PREFIX_MULTIPLE)
+        cap = _prefix_cap(np.shape(ids)[1], _PREFIX_MULTIPLE)
         bound = cap if self.max_prefix is None else min(cap, self.max_prefix)
         local = jax.process_count() > 1 or (
             isinstance(ids, jax.Array) and not ids.is_fully_addressable
