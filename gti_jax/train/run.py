@@ -1099,16 +1099,13 @@ _EVAL_CACHE: dict[Any, Any] = {}
 
 
 def _eval_fn(graphdef):
-    from gti_jax.train.steps import hidden_lm_loss
+    from gti_jax.train.steps import model_lm_loss
 
     if graphdef not in _EVAL_CACHE:
 
         @jax.jit
         def f(state, batch):
-            model = nnx.merge(graphdef, state)
-            x = model.embed(batch.input_ids)
-            h, _ = model.hidden_states(x, attention_mask=batch.attention_mask)
-            return hidden_lm_loss(h, batch, model.logits)
+            return model_lm_loss(nnx.merge(graphdef, state), batch)
 
         _EVAL_CACHE[graphdef] = f
     return _EVAL_CACHE[graphdef]

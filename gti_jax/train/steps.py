@@ -56,6 +56,7 @@ __all__ = [
     "lr_schedule",
     "make_sft_step",
     "masked_lm_loss",
+    "model_lm_loss",
     "opt_state_shardings",
     "put_batch",
     "set_compute_dtype",
@@ -97,9 +98,13 @@ def masked_lm_loss(
         >>> round(float(s / n), 4), float(n)  # uniform over 4 classes: log 4
         (1.3863, 2.0)
     """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    weights = loss_mask[:, 1:].astype(jnp.float32)
+    return _ce_sums(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
+
+
+def _ce_sums(logits, targets, weights):
+    """Weighted cross-entropy sums of ``[..., V]`` logits at ``[...]`` targets, in float32."""
+    logits = logits.astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return jnp.sum((lse - picked) * weights), jnp.sum(weights)
@@ -137,11 +142,13 @@ def hidden_lm_loss(
     picked_h = jnp.take_along_axis(h, pos[..., None], axis=1)
     targets = jnp.take_along_axis(batch.input_ids.astype(jnp.int32), pos + 1, axis=1)
     weights = jnp.take_along_axis(batch.loss_mask.astype(jnp.float32), pos + 1, axis=1)
-    weights = jnp.where(valid, weights, 0.0)
-    logits = head(picked_h).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - picked) * weights), jnp.sum(weights)
+    return _ce_sums(head(picked_h), targets, jnp.where(valid, weights, 0.0))
+
+
+def model_lm_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """:func:`hidden_lm_loss` of a gti_jax causal LM on `batch` (the SFT and eval loss)."""
+    h, _ = model.hidden_states(model.embed(batch.input_ids), attention_mask=batch.attention_mask)
+    return hidden_lm_loss(h, batch, model.logits)
 
 
 def accumulate_grads(
@@ -544,10 +551,7 @@ class SFTStep:
             set_compute_dtype(model, compute_dtype)
             if train and dropout:
                 _train_mode(model, key)
-            h, _ = model.hidden_states(
-                model.embed(batch.input_ids), attention_mask=batch.attention_mask
-            )
-            return hidden_lm_loss(h, batch, model.logits)
+            return model_lm_loss(model, batch)
 
         def step(trainable, frozen, opt_state, batch, key):
             f = lambda p, b, k: loss_sums(p, frozen, b, k, True)
