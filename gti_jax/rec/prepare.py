@@ -71,6 +71,8 @@ OUTPUT_FILES: dict[str, str] = {
     "stats": "prepare_stats.json",
 }
 _FORMAT_VERSION = 1
+_DEFAULT_MAX_LEN = 128  # data.max_len's default, for a bare RecConfig
+_PREFIX_ROOM = 8  # tokens a sequence row keeps for rec.sequence_prefix and special tokens
 _KS = (5, 10, 20, 50, 100)  # the paper's cut-offs
 _ACTIONS = {"movielens-100k": "watched", "amazon-2018": "purchased", "amazon-2023": "purchased"}
 
@@ -119,10 +121,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _recorded_config(rec: tc.RecConfig, seed: int, model_name: str | None) -> dict[str, Any]:
+def _recorded_config(
+    rec: tc.RecConfig, seed: int, model_name: str | None, max_len: int
+) -> dict[str, Any]:
     """The settings that determine the output; a reused output must have recorded the same."""
     d = tc.config_to_dict(rec)
     d["seed"] = seed
+    if rec.task == "sequence" and rec.sequence_items is None:
+        d["sequence_max_len"] = max_len  # the rows' length follows data.max_len
     d["paths"] = {k: os.path.abspath(os.path.expanduser(v)) for k, v in sorted(rec.paths.items())}
     out: dict[str, Any] = {"format_version": _FORMAT_VERSION, "rec": d}
     if rec.embeddings == "backbone":
@@ -244,6 +250,18 @@ def _subsample(split: rd.Split, rec: tc.RecConfig, seed: int) -> rd.Split:
     return dataclasses.replace(split, train=train, valid=valid, test=test)
 
 
+def _sequence_items(rec: tc.RecConfig, max_len: int, levels: int) -> int:
+    """Items per sequence row: rec.sequence_items, or as many as fit max_len (8 for the prefix)."""
+    items = rec.sequence_items or (max_len - _PREFIX_ROOM) // levels
+    if items <= rec.sequence_overlap or items < 2:
+        raise PrepareError(
+            f"rec.task=sequence: {items} item(s) of {levels} tokens fit a row (data.max_len="
+            f"{max_len}), not more than rec.sequence_overlap={rec.sequence_overlap}; raise "
+            "data.max_len or rec.sequence_items, or lower rec.sequence_overlap"
+        )
+    return items
+
+
 def _semantic_ids(x: np.ndarray, rec: tc.RecConfig, seed: int) -> sem.SemanticIds:
     if rec.semantic_ids == "rq_kmeans":
         return sem.rq_kmeans(x, num_levels=rec.levels, codebook_size=rec.codebook_size, key=seed)
@@ -324,11 +342,12 @@ def prepare(
     ['aux', 'candidates', 'items']
     """
     rec, seed, model_name = _resolve(cfg, seed)
+    max_len = cfg.data.max_len if isinstance(cfg, tc.TrainConfig) else _DEFAULT_MAX_LEN
     ks = _KS
     out = Path(out_dir).expanduser()
     if rec.embeddings == "backbone" and model is not None and model_name is None:
         model_name = type(model).__name__
-    recorded = _recorded_config(rec, seed, model_name)
+    recorded = _recorded_config(rec, seed, model_name, max_len)
     if _check_existing(out, recorded):
         _log(verbose, f"reusing {out} (prepared with the same settings)")
         return _paths(out)
@@ -406,6 +425,11 @@ def prepare(
             codebook_size=max(sizes),
             history_with_titles=rec.history_with_titles,
             action=_ACTIONS.get(rec.dataset, "interacted with"),
+            task=rec.task,
+            sequence_items=_sequence_items(rec, max_len, sids.num_levels),
+            sequence_overlap=rec.sequence_overlap,
+            sequence_prefix=rec.sequence_prefix,
+            max_sequence_rows=rec.max_train_examples,
         )
         new_tokens = _keep_tokens(paths["tokens"], sizes)
         sem.save_semantic_ids(tmp / OUTPUT_FILES["semantic_ids"], sids)

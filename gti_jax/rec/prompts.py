@@ -8,7 +8,10 @@ array into the generic files of the trainer (see the README's file formats):
 * ``tokens.jsonl``: ``{"token", "description"}`` for every code token of every level.
 * ``pairs.jsonl``: the six paired text <-> ID templates of GTI (the grounding stage).
 * ``sft.jsonl`` / ``valid.jsonl`` / ``test.jsonl``: next-item prompts of the leave-one-out
-  split, ``{"prompt", "completion"}``; the completion is the target's ID string.
+  split, ``{"prompt", "completion"}``; the completion is the target's ID string. With
+  ``task="sequence"`` they are sequence rows instead (:func:`sequence_rows`,
+  :func:`sequence_eval_rows`): ``{"segments": [...]}``, one row per user chunk for training,
+  the whole history before the target (its last chunk) as the evaluation prompt.
 * ``aux.jsonl``: LC-Rec-style alignment tasks (item -> ID, ID -> item, titles -> next ID)
   that the LC-Rec baseline mixes into fine-tuning.
 * ``candidates.txt``: every item's ID string, one a line (the beam-search constraint).
@@ -46,6 +49,9 @@ __all__ = [
     "code_descriptions",
     "pair_prompts",
     "next_item_prompt",
+    "sequence_chunks",
+    "sequence_rows",
+    "sequence_eval_rows",
     "aux_prompts",
     "write_jsonl",
     "write_lines",
@@ -413,6 +419,107 @@ def _example_rows(
     return rows
 
 
+def sequence_chunks(length: int, items: int, overlap: int) -> list[tuple[int, int, int]]:
+    """How a history of `length` items is cut into rows: ``(start, stop, first_target)``.
+
+    Every item but the first is a target exactly once. A row holds items ``[start, stop)``
+    (at most `items`); the loss is on items ``first_target .. stop - 1``, and a row after the
+    first repeats the `overlap` items before its first target as context only, so every
+    target is predicted from at least ``min(position, overlap)`` preceding items, and from all
+    of them in the first row.
+
+    >>> sequence_chunks(10, 4, 1)
+    [(0, 4, 1), (3, 7, 4), (6, 10, 7)]
+    >>> sequence_chunks(1, 4, 1), sequence_chunks(3, 4, 1)
+    ([], [(0, 3, 1)])
+    """
+    if items < 2 or not 0 <= overlap < items:
+        raise RecDataError(f"need items >= 2 and 0 <= overlap < items, got {items}, {overlap}")
+    if length < 2:
+        return []
+    out = [(0, min(items, length), 1)]
+    while out[-1][1] < length:
+        first = out[-1][1]
+        start = first - overlap
+        out.append((start, min(start + items, length), first))
+    return out
+
+
+def _segments(prefix: str, ids: Sequence[str], first_target: int) -> dict:
+    segs = [{"text": prefix, "loss": False}] if prefix else []
+    segs += [{"text": sid, "loss": j >= first_target} for j, sid in enumerate(ids)]
+    return {"segments": segs}
+
+
+def sequence_rows(
+    sequences: Mapping[int, Sequence[int]],
+    sids: Sequence[str],
+    *,
+    items: int,
+    overlap: int,
+    prefix: str = "History:",
+) -> list[dict]:
+    """Training rows of the sequence task: each user's items as ID segments, chunked.
+
+    Args:
+      sequences: user -> the training part of their sequence, oldest first
+        (:attr:`Split.train_sequences`).
+      sids: item index -> ID string.
+      items: most items in one row.
+      overlap: items a chunk repeats as context (:func:`sequence_chunks`).
+      prefix: text before the first item of every row.
+
+    Returns:
+      ``{"segments": [...]}`` rows by user, then by time: the prefix and each item's ID, the
+      loss on the items of :func:`sequence_chunks`. Together they have exactly the targets of
+      the sliding-window prompts of the same split (each item after a user's first).
+
+    >>> sequence_rows({0: (2, 0, 1)}, ["<a_0>", "<a_1>", "<a_2>"], items=4, overlap=1)
+    [{'segments': [{'text': 'History:', 'loss': False}, {'text': '<a_2>', 'loss': False}, {'text': '<a_0>', 'loss': True}, {'text': '<a_1>', 'loss': True}]}]
+    """
+    rows = []
+    for u in sorted(sequences):
+        seq = [sids[i] for i in sequences[u]]
+        for start, stop, first in sequence_chunks(len(seq), items, overlap):
+            rows.append(_segments(prefix, seq[start:stop], first - start))
+    return rows
+
+
+def sequence_eval_rows(
+    split: Split,
+    sids: Sequence[str],
+    which: str,
+    *,
+    items: int,
+    prefix: str = "History:",
+) -> list[dict]:
+    """Evaluation rows of the sequence task, in the training form.
+
+    The prompt is the prefix and the user's most recent ``items - 1`` items before the target
+    (for ``which="valid"`` the training part; for ``"test"`` the training part and the
+    validation item), and the last segment, with the loss, is the target's ID: exactly the
+    last row training would make of that longer history.
+
+    >>> from gti_jax.rec.data import Item, RecDataset, leave_one_out
+    >>> ds = RecDataset(items=tuple(Item(str(i), str(i)) for i in range(5)),
+    ...                 user_ids=("u",), sequences=((0, 1, 2, 3, 4),))
+    >>> rows = sequence_eval_rows(leave_one_out(ds), [f"<a_{i}>" for i in range(5)], "test", items=3)
+    >>> [s["text"] for s in rows[0]["segments"]]
+    ['History:', '<a_2>', '<a_3>', '<a_4>']
+    """
+    if which not in ("valid", "test"):
+        raise RecDataError(f"which must be 'valid' or 'test', got {which!r}")
+    valid_target = {ex.user: ex.target for ex in split.valid}
+    rows = []
+    for ex in split.valid if which == "valid" else split.test:
+        hist = list(split.train_sequences[ex.user])
+        if which == "test":
+            hist.append(valid_target[ex.user])
+        seq = [sids[i] for i in hist[-(items - 1) :]] + [sids[ex.target]]
+        rows.append(_segments(prefix, seq, len(seq) - 1))
+    return rows
+
+
 def aux_prompts(
     items: Sequence[Item],
     codes,
@@ -542,6 +649,11 @@ def write_task_files(
     max_description_words: int | None = 64,
     max_aux_sequence_rows: int | None = None,
     allow_collisions: bool = False,
+    task: str = "prompt",
+    sequence_items: int = 30,
+    sequence_overlap: int = 8,
+    sequence_prefix: str = "History:",
+    max_sequence_rows: int | None = None,
 ) -> dict[str, Path]:
     """Writes every file the generic trainer needs for a recommendation task.
 
@@ -563,6 +675,11 @@ def write_task_files(
       max_aux_sequence_rows: cap on the auxiliary sequence rows.
       allow_collisions: allow two items to share an ID (then evaluation cannot tell them
         apart; by default this is an error).
+      task: ``"prompt"`` (next-item prompts) or ``"sequence"`` (sequence rows in sft, valid
+        and test: :func:`sequence_rows`, :func:`sequence_eval_rows`).
+      sequence_items, sequence_overlap, sequence_prefix: the sequence rows' chunking and
+        prefix.
+      max_sequence_rows: keep this many training sequence rows (a seeded subset, in order).
 
     Returns:
       ``{"tokens", "pairs", "sft", "valid", "test", "aux", "candidates", "items"}`` -> path.
@@ -592,6 +709,27 @@ def write_task_files(
         np.add.at(pop, np.asarray(seq, dtype=np.int64), 1)
     desc = code_descriptions(ds.items, arr, codebook_size=k, popularity=pop)
     kw = {"history_with_titles": history_with_titles, "action": action}
+    if task == "sequence":
+        train_rows = sequence_rows(
+            split.train_sequences,
+            sids,
+            items=sequence_items,
+            overlap=sequence_overlap,
+            prefix=sequence_prefix,
+        )
+        if max_sequence_rows is not None and len(train_rows) > max_sequence_rows:
+            rng = np.random.default_rng([rng_seed, 1])
+            keep = np.sort(rng.choice(len(train_rows), max_sequence_rows, replace=False))
+            train_rows = [train_rows[i] for i in keep]
+        ev = {"items": sequence_items, "prefix": sequence_prefix}
+        valid_rows = sequence_eval_rows(split, sids, "valid", **ev)
+        test_rows = sequence_eval_rows(split, sids, "test", **ev)
+    elif task == "prompt":
+        train_rows = _example_rows(split.train, sids, ds.items, **kw)
+        valid_rows = _example_rows(split.valid, sids, ds.items, **kw)
+        test_rows = _example_rows(split.test, sids, ds.items, **kw)
+    else:
+        raise RecDataError(f"task must be 'prompt' or 'sequence', got {task!r}")
     paths = {
         "tokens": write_jsonl(
             out / "tokens.jsonl", ({"token": t, "description": d} for t, d in desc.items())
@@ -602,9 +740,9 @@ def write_task_files(
                 ds.items, arr, rng_seed=rng_seed, max_description_words=max_description_words
             ),
         ),
-        "sft": write_jsonl(out / "sft.jsonl", _example_rows(split.train, sids, ds.items, **kw)),
-        "valid": write_jsonl(out / "valid.jsonl", _example_rows(split.valid, sids, ds.items, **kw)),
-        "test": write_jsonl(out / "test.jsonl", _example_rows(split.test, sids, ds.items, **kw)),
+        "sft": write_jsonl(out / "sft.jsonl", train_rows),
+        "valid": write_jsonl(out / "valid.jsonl", valid_rows),
+        "test": write_jsonl(out / "test.jsonl", test_rows),
         "aux": write_jsonl(
             out / "aux.jsonl",
             aux_prompts(

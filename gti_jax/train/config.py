@@ -70,6 +70,7 @@ LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 RecDatasetName = Literal["movielens-100k", "amazon-2018", "amazon-2023", "csv"]
 SemanticIdMethod = Literal["rq_kmeans", "rq_vae"]
 NanPolicy = Literal["stop", "skip"]
+RecTask = Literal["prompt", "sequence"]
 
 # rec.paths keys each dataset needs (required, optional).
 REC_PATH_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -217,6 +218,14 @@ class EvalConfig:
     batch_size: int = 8
     """Prompts decoded at once."""
 
+    exact_match: bool = True
+    """Also decode greedily and report exact_match (one more pass over the prompts)."""
+
+    curve_every: int = 0
+    """Every N fine-tuning steps, rank data.eval's examples (as at the end: beam search,
+    Recall@K / NDCG@K) and append a row to run_dir/curve.jsonl with the targets seen and the
+    training wall time: a learning curve. 0: off. The time it takes is not training time."""
+
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -306,8 +315,24 @@ class RecConfig:
     min_interactions: int = 5
     """k-core: users and items with fewer interactions are dropped, repeatedly."""
 
+    task: RecTask = "prompt"
+    """prompt: one chat prompt per sliding window (history -> next item); sequence: one row
+    per user (chunk) of their time-ordered item IDs after rec.sequence_prefix, the loss on
+    every item after the first, so one forward pass trains all of that user's windows."""
+
     max_history: int = 5
-    """Most recent items shown in a next-item prompt's history."""
+    """Most recent items shown in a next-item prompt's history (rec.task=prompt)."""
+
+    sequence_items: int | None = None
+    """rec.task=sequence: most items in one row; longer histories are cut into chunks. null:
+    as many as fit data.max_len (8 tokens kept for the prefix)."""
+
+    sequence_overlap: int = 8
+    """rec.task=sequence: items a chunk repeats from the previous one as context only (every
+    target keeps at least this much history); must be < rec.sequence_items."""
+
+    sequence_prefix: str = "History:"
+    """rec.task=sequence: the text before the first item of every row and evaluation prompt."""
 
     max_sequence_length: int | None = None
     """Keep each user's last N interactions before the k-core filter; null: all."""
@@ -751,6 +776,7 @@ def _validate(cfg: TrainConfig) -> None:
     _at_least("eval.max_examples", ev.max_examples, 0)
     _at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
     _at_least("eval.batch_size", ev.batch_size, 1)
+    _at_least("eval.curve_every", ev.curve_every, 0)
 
     mesh = cfg.mesh
     _check(len(mesh.shape) > 0, "mesh.shape must name at least one axis, e.g. {data: 1}")
@@ -832,6 +858,14 @@ def _validate(cfg: TrainConfig) -> None:
     )
     _at_least("rec.min_interactions", rec.min_interactions, 1)
     _at_least("rec.max_history", rec.max_history, 1)
+    _at_least("rec.sequence_items", rec.sequence_items, 2)
+    _at_least("rec.sequence_overlap", rec.sequence_overlap, 0)
+    if rec.sequence_items is not None:
+        _check(
+            rec.sequence_overlap < rec.sequence_items,
+            f"rec.sequence_overlap={rec.sequence_overlap} must be < rec.sequence_items="
+            f"{rec.sequence_items}; lower the overlap or raise the items",
+        )
     _at_least("rec.max_sequence_length", rec.max_sequence_length, 3)
     _at_least("rec.embed_batch_size", rec.embed_batch_size, 1)
     _at_least("rec.embed_max_len", rec.embed_max_len, 1)

@@ -2,7 +2,10 @@
 
 Files (user-facing formats, see the README):
 
-* examples (pairs, sft, eval): JSONL, one ``{"prompt": "...", "completion": "..."}`` a line;
+* examples (pairs, sft, eval): JSONL, one ``{"prompt": "...", "completion": "..."}`` a line,
+  or one ``{"segments": [{"text": "...", "loss": false}, {"text": "...", "loss": true}, ...]}``
+  a line (a sequence row: the texts are concatenated as they are, no chat template, and the
+  loss is on the segments flagged ``true``; one forward pass trains every flagged segment);
 * candidates (valid completions for constrained decoding): ``.txt`` with one completion a line,
   or JSONL with one ``{"completion": "..."}`` a line.
 
@@ -43,10 +46,13 @@ __all__ = [
     "default_buckets",
     "encode_example",
     "encode_examples",
+    "encode_eval_prompt",
     "encode_prompt",
     "end_of_turn_id",
     "read_candidates",
     "read_examples",
+    "segment_example",
+    "special_prefix",
     "target_positions",
     "target_width",
 ]
@@ -68,10 +74,33 @@ class Example(NamedTuple):
     Attributes:
         prompt: the input text (may contain new tokens, e.g. ``"What is <a_1><b_7>?"``).
         completion: the target text the model learns to produce.
+        segments: for a sequence row (:func:`segment_example`), its ``(text, loss)`` pairs;
+            then `prompt` is the text of every segment but the last and `completion` the last
+            one (what evaluation asks the model to produce). None for a prompt/completion row.
     """
 
     prompt: str
     completion: str
+    segments: tuple[tuple[str, bool], ...] | None = None
+
+    @property
+    def num_targets(self) -> int:
+        """How many targets one pass over the example trains: 1, or its loss segments."""
+        return 1 if self.segments is None else sum(1 for _, loss in self.segments if loss)
+
+
+def segment_example(segments: Sequence[tuple[str, bool]]) -> Example:
+    """A sequence row from ``(text, loss)`` pairs (at least one with ``loss`` true).
+
+    Example:
+        >>> ex = segment_example([("History:", False), ("<a_1>", False), ("<a_2>", True)])
+        >>> ex.prompt, ex.completion, ex.num_targets
+        ('History:<a_1>', '<a_2>', 1)
+    """
+    segs = tuple((str(t), bool(loss)) for t, loss in segments)
+    if not any(loss for _, loss in segs):
+        raise DataError("a sequence row needs at least one segment with loss true")
+    return Example("".join(t for t, _ in segs[:-1]), segs[-1][0], segs)
 
 
 class Batch(NamedTuple):
@@ -133,8 +162,37 @@ def _string_field(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _segment_row(obj: dict[str, Any], where: str) -> Example:
+    fix = '{"segments": [{"text": "...", "loss": false}, {"text": "...", "loss": true}]}'
+    extra = sorted(set(obj) - {"segments"})
+    if extra:
+        raise DataError(
+            f'{where}: a sequence row has only "segments", got also {", ".join(extra)}; '
+            f"write {fix}, or a prompt/completion row without segments"
+        )
+    segs = obj["segments"]
+    if not isinstance(segs, list) or not segs:
+        raise DataError(f'{where}: "segments" must be a non-empty list; write {fix}')
+    out = []
+    for i, seg in enumerate(segs):
+        at = f"{where}: segment {i + 1}"
+        if not isinstance(seg, dict) or set(seg) != {"text", "loss"}:
+            raise DataError(f'{at} must be an object with exactly "text" and "loss"; write {fix}')
+        if not isinstance(seg["text"], str) or not seg["text"]:
+            raise DataError(f'{at}: "text" must be a non-empty string')
+        if not isinstance(seg["loss"], bool):
+            raise DataError(f'{at}: "loss" must be true or false, got {seg["loss"]!r}')
+        out.append((seg["text"], seg["loss"]))
+    if not any(loss for _, loss in out):
+        raise DataError(f'{where}: no segment has "loss": true; flag the segments to learn')
+    return segment_example(out)
+
+
 def read_examples(path: str | os.PathLike[str]) -> list[Example]:
-    """Reads a JSONL file of ``{"prompt": ..., "completion": ...}`` objects (blank lines skipped).
+    """Reads a JSONL file of prompt/completion or sequence rows (blank lines skipped).
+
+    A line is ``{"prompt": ..., "completion": ...}``, or ``{"segments": [{"text": ...,
+    "loss": ...}, ...]}`` with at least one ``"loss": true`` (:func:`segment_example`).
 
     Args:
         path: the file.
@@ -152,16 +210,23 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "pairs.jsonl"
         >>> _ = p.write_text('{"prompt": "Capital of France?", "completion": "<paris>"}\\n')
         >>> read_examples(p)
-        [Example(prompt='Capital of France?', completion='<paris>')]
+        [Example(prompt='Capital of France?', completion='<paris>', segments=None)]
+        >>> _ = p.write_text('{"segments": [{"text": "Seen:", "loss": false}, '
+        ...                  '{"text": "<a_1>", "loss": false}, {"text": "<a_2>", "loss": true}]}\\n')
+        >>> read_examples(p)[0].completion, read_examples(p)[0].num_targets
+        ('<a_2>', 1)
     """
     path, lines = _read_lines(path, "examples")
-    fix = '{"prompt": "...", "completion": "..."} object'
+    fix = '{"prompt": "...", "completion": "..."} or {"segments": [...]} object'
     out = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         obj = _json_object(path, lineno, line, fix)
         where = f"{path}:{lineno}"
+        if "segments" in obj:
+            out.append(_segment_row(obj, where))
+            continue
         prompt = _string_field(obj, "prompt", where)
         completion = _string_field(obj, "completion", where)
         if not completion:
@@ -314,6 +379,67 @@ def encode_prompt(
     return ids
 
 
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (e.g. ``[bos]``; often none).
+
+    Sequence rows start with them, as text encoded with ``add_special_tokens=True`` would.
+    """
+    plain = tokenizer.encode("x", add_special_tokens=False)
+    full = tokenizer.encode("x", add_special_tokens=True)
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return [int(t) for t in full[:i]]
+    return []
+
+
+def _encode_segments(
+    tokenizer: Any,
+    segments: Sequence[tuple[str, bool]],
+    *,
+    max_len: int | None,
+    prefix: Sequence[int],
+    where: str,
+) -> Encoded:
+    ids, mask = [int(t) for t in prefix], [0.0] * len(prefix)
+    for text, loss in segments:
+        part = tokenizer.encode(text, add_special_tokens=False)
+        ids += part
+        mask += [1.0 if loss else 0.0] * len(part)
+    if max_len is not None and len(ids) > max_len:
+        raise DataError(
+            f"{where}: the sequence row has {len(ids)} tokens, more than max_len {max_len}; "
+            f"raise data.max_len to at least {len(ids)} or split the row into shorter ones "
+            "(for the built-in task: rec.sequence_items)"
+        )
+    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+
+
+def encode_eval_prompt(
+    tokenizer: Any,
+    ex: Example,
+    *,
+    chat_template: bool = True,
+    system: str | None = None,
+    max_len: int | None = None,
+) -> np.ndarray:
+    """The ids a model continues to answer `ex`: its prompt exactly as training renders it.
+
+    A prompt/completion row gives :func:`encode_prompt`; a sequence row gives its segments
+    but the last, concatenated as in training (no chat template), so evaluation asks for the
+    next segment in the form the model was trained on.
+    """
+    if ex.segments is None:
+        return encode_prompt(
+            tokenizer, ex.prompt, chat_template=chat_template, system=system, max_len=max_len
+        )
+    ids, _ = _encode_segments(
+        tokenizer, ex.segments[:-1], max_len=None, prefix=special_prefix(tokenizer), where=""
+    )
+    if max_len is not None and len(ids) > max_len:
+        ids = ids[len(ids) - max_len :]
+    return ids
+
+
 def _encode(
     tokenizer: Any,
     ex: Example,
@@ -323,7 +449,10 @@ def _encode(
     system: str | None,
     end_id: int,
     where: str,
+    prefix: Sequence[int] = (),
 ) -> Encoded:
+    if ex.segments is not None:
+        return _encode_segments(tokenizer, ex.segments, max_len=max_len, prefix=prefix, where=where)
     prompt = encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system=system)
     completion = tokenizer.encode(ex.completion, add_special_tokens=False) + [end_id]
     n_c = len(completion)
@@ -357,6 +486,10 @@ def encode_example(
     loss mask is 1 on the completion tokens and the end token, 0 on the prompt. When the
     total exceeds `max_len`, the prompt is cut from the left; the completion never is.
 
+    A sequence row (``ex.segments``) is ``special_prefix + encode(text)`` of each segment in
+    order, no chat template and no end token, with the loss on the flagged segments' tokens;
+    one longer than `max_len` is refused (cutting it would drop targets or their context).
+
     Args:
         tokenizer: a Hugging Face tokenizer.
         ex: the example.
@@ -384,6 +517,7 @@ def encode_example(
         system=system,
         end_id=end,
         where="example",
+        prefix=special_prefix(tokenizer),
     )
 
 
@@ -416,6 +550,7 @@ def encode_examples(
         >>> encoded = encode_examples(tok, read_examples("pairs.jsonl"), max_len=128)  # doctest: +SKIP
     """
     end = end_of_turn_id(tokenizer, chat_template=chat_template)
+    prefix = special_prefix(tokenizer)
     return [
         _encode(
             tokenizer,
@@ -425,6 +560,7 @@ def encode_examples(
             system=system,
             end_id=end,
             where=f"{source} example {i + 1}",
+            prefix=prefix,
         )
         for i, ex in enumerate(examples)
     ]

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from gti_jax.train.config import TrainConfig, config_to_dict, save_config
-from gti_jax.train.runlog import Progress, RunLog, atomic_write_json
+from gti_jax.train.runlog import Progress, RunLog, atomic_write_json, atomic_write_text
 
 __all__ = ["run", "TrainError", "NonFiniteError", "Preempted", "PREEMPTED_EXIT_CODE"]
 
@@ -433,7 +433,8 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     from gti_jax.models import export_hf_dir, load_pretrained
     from gti_jax.models.hf import CheckpointMismatchError
     from gti_jax.train.checkpoint import Checkpointer
-    from gti_jax.train.data import encode_examples, read_examples
+    from gti_jax.train.data import encode_examples, read_candidates, read_examples
+    from gti_jax.train.evaluate import Evaluator
     from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
     from gti_jax.vocab.tokens import (
         description_token_ids,
@@ -482,7 +483,8 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     pairs = read_examples(files.pairs) if files.pairs else None
     if cfg.ground.steps > 0 and pairs is None:
         pairs = pairs_from_descriptions(entries, cfg.ground.templates, cfg.seed)
-    sft_examples = read_examples(files.sft) if (files.sft and cfg.sft.steps > 0) else []
+    # read even without fine-tuning: the popularity baseline counts its targets
+    sft_examples = read_examples(files.sft) if files.sft else []
     if cfg.sft.steps > 0 and not sft_examples:
         raise TrainError("sft.steps > 0 but data.sft is unset; give data.sft or set sft.steps=0")
     eval_examples = read_examples(files.eval) if files.eval else []
@@ -517,6 +519,15 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     if writer:
         atomic_write_json(run_dir / "new_tokens.json", token_info)
     codebook = _codebook_vectors(files, to_add)
+    # built before training: a bad eval or candidates file is reported before any step
+    evaluator = Evaluator(
+        cfg,
+        tokenizer,
+        eval_examples,
+        read_candidates(files.candidates) if files.candidates is not None else None,
+        sft_examples,
+        num_tokens=len(tokenizer),
+    )
     decode = lambda i: tokenizer.decode([int(i)])  # noqa: E731
 
     def record(stage, m):
@@ -548,7 +559,7 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     latest = ckpt.latest_step()
     latest_meta = _peek_meta(ckpt, latest)
-    ctx = _Ctx(cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta)
+    ctx = _Ctx(cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta, evaluator)
     encode = lambda exs, src: encode_examples(
         tokenizer, exs, max_len=cfg.data.max_len, chat_template=cfg.data.chat_template, source=src
     )  # noqa: E731
@@ -572,7 +583,8 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
         if cfg.sft.steps > 0:
             aux = _aux_examples(cfg, files, pairs, sft_examples)
             sft_enc = encode(sft_examples + aux, str(files.sft))
-            model = _sft(ctx, model, sft_enc)
+            units = [ex.num_targets for ex in sft_examples + aux]
+            model = _sft(ctx, model, sft_enc, units)
             record("sft", model)
     finally:
         ckpt.wait()
@@ -583,16 +595,12 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     # On several processes, every process gathers the model (a collective) and process 0
     # evaluates and exports it alone, on its own devices.
     host_model = _host_model(model)
-    results = (
-        _evaluate(cfg, host_model, tokenizer, eval_examples, files, num_tokens_total=len(tokenizer))
-        if writer
-        else {}
-    )
-    if files.stats and files.stats.is_file():
-        stats = json.loads(files.stats.read_text())
-        pop = stats.get("popularity_baseline", {}).get("test")
-        if pop:  # reference: rank every item by training popularity
-            results["popularity_baseline"] = pop
+    results, ranks = evaluator(host_model) if writer else ({}, [])
+    if writer and ranks:  # per-example ranks: paired tests between runs on the same users
+        atomic_write_json(
+            run_dir / "eval_ranks.json",
+            {"targets": evaluator.targets, "ranks": ranks, "beams": cfg.eval.beams},
+        )
     if cfg.nan_policy == "skip":
         results["skipped_steps"] = {
             s: int(log.stages.get(s, {}).get("skipped_steps", 0)) for s in ("ground", "sft")
@@ -744,6 +752,7 @@ class _Ctx:
     rules: dict
     latest: int | None  # newest complete checkpoint step
     latest_meta: dict | None  # and its meta (stage, step)
+    evaluator: Any = None  # the run's Evaluator (for eval.curve_every)
 
     @property
     def writer(self) -> bool:
@@ -856,8 +865,16 @@ def _train_loop(
     data_seed,
     guard,
     last_saved,
+    after_step=None,
+    train_seconds=0.0,
+    cpu_seconds=0.0,
 ):
     """Steps ``start+1 .. total`` of a stage: NaN guard, progress, metrics, checkpoints, stops.
+
+    ``after_step(state, step, batcher, train_seconds, cpu_seconds)``, if given, runs after
+    each step (the learning curve); its time is not counted in ``train_seconds`` and
+    ``cpu_seconds``, the stage's training wall time and this process's CPU time so far (in:
+    what a resumed checkpoint recorded), which checkpoints keep in their meta.
 
     ``step_once(state, batch, step) -> (state, metrics)`` is the stage's compiled step;
     ``tree(state)`` is what a checkpoint holds. Checkpoint steps are global: ``offset + step``.
@@ -878,6 +895,7 @@ def _train_loop(
     progress = Progress(stage, total, start=start, every=cfg.log_every, enabled=writer)
     t_last = time.perf_counter()
     for step in range(start + 1, total + 1):
+        t_step, c_step = time.perf_counter(), time.process_time()
         batch = guard.batch(step, batcher.batch_at(step - 1))
         tokens = int(np.asarray(batch.attention_mask).sum()) * jax.process_count()
         state, metrics = step_once(state, batch, step)
@@ -895,10 +913,22 @@ def _train_loop(
                 "lr": float(_lr(opt_state_of(state))),
             }
             log.metrics({**row, "grad_norm": gnorm, "tokens_per_s": tps, **guard.row()})
+        train_seconds += time.perf_counter() - t_step
+        cpu_seconds += time.process_time() - c_step
+        if after_step is not None:
+            after_step(state, step, batcher, train_seconds, cpu_seconds)
+            t_last = time.perf_counter()  # tokens/s counts training only
         final = step == total
         stopping = stop.should_stop(offset + step)  # once: a SIGTERM may land between two reads
         if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            meta = {"stage": stage, "step": step, "of": total, **guard.meta()}
+            meta = {
+                "stage": stage,
+                "step": step,
+                "of": total,
+                "train_seconds": round(train_seconds, 3),
+                "cpu_seconds": round(cpu_seconds, 3),
+                **guard.meta(),
+            }
             ckpt.save(offset + step, tree(state), meta, force=True)
             last_saved = offset + step
         if stopping and not final:
@@ -919,7 +949,65 @@ def _lr(opt_state) -> float:
     return float("nan")
 
 
-def _sft(ctx: _Ctx, model, examples):
+def _curve(ctx: _Ctx, step_fn, units: np.ndarray, start: int):
+    """The ``after_step`` of fine-tuning that writes ``curve.jsonl`` (``eval.curve_every``).
+
+    Each row: the step, the targets seen so far (an example counts its targets: 1 for a
+    prompt, its loss segments for a sequence row), the training wall time, and the ranking
+    metrics on data.eval; the popularity baseline on the same examples is in the first row.
+    """
+    cfg, ev = ctx.cfg, ctx.evaluator
+    every = cfg.eval.curve_every
+    if not every or ev is None or not ev.examples or ev.trie is None:
+        return None
+    path = ctx.run_dir / "curve.jsonl"
+    rows = []
+    if ctx.writer and path.is_file():  # a resumed run keeps the rows it had reached
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+        rows = [r for r in rows if r["step"] <= start]
+    seen = {"step": 0, "targets": 0}
+
+    def targets_seen(batcher, step):
+        for s in range(seen["step"], step):
+            seen["targets"] += int(units[batcher.indices_at(s)].sum())
+        seen["step"] = step
+        return seen["targets"]
+
+    def after_step(st, step, batcher, train_seconds, cpu_seconds):
+        if step % every and step != cfg.sft.steps:
+            return
+        model = _host_model(step_fn.merge(st))  # every process (collective)
+        if not ctx.writer:
+            return
+        t0 = time.perf_counter()
+        metrics, ranks = ev.retrieval(model)
+        if step == cfg.sft.steps:  # the final evaluation reuses the ranking of the last point
+            ev.remember_retrieval(metrics, ranks, f"curve.jsonl step {step}, before the LoRA merge")
+        row = {
+            "step": step,
+            "targets_seen": targets_seen(batcher, step),
+            "train_seconds": round(train_seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1),
+            "eval_seconds": 0.0,
+            "num_eval": len(ev.examples),
+            **{k: round(v, 5) for k, v in metrics.items()},
+        }
+        row["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        if not rows:
+            row["popularity_baseline"] = ev.popularity_baseline()
+        rows.append(row)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        _log(
+            f"curve: step {step}, {row['targets_seen']} targets, {row['train_seconds']:.0f}s: "
+            + ", ".join(
+                f"{k} {metrics[k]:.4f}" for k in metrics if k.startswith(("recall@", "ndcg@"))
+            )
+        )
+
+    return after_step
+
+
+def _sft(ctx: _Ctx, model, examples, units=None):
     cfg, ckpt, log, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.mesh, ctx.rules
     latest_meta = ctx.latest_meta
     from gti_jax.train.lora import apply_lora, merge_lora
@@ -958,6 +1046,7 @@ def _sft(ctx: _Ctx, model, examples):
     log.truncate_metrics("sft", start)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     guard = _NanGuard(cfg, "sft", G, resumed_meta)
+    units = np.ones(len(examples), np.int64) if units is None else np.asarray(units, np.int64)
     st = _train_loop(
         ctx,
         "sft",
@@ -973,139 +1062,12 @@ def _sft(ctx: _Ctx, model, examples):
         data_seed=cfg.seed + 1,
         guard=guard,
         last_saved=G + start if start else (G or None),  # grounding ends with a checkpoint
+        after_step=_curve(ctx, step_fn, units, start),
+        train_seconds=float((resumed_meta or {}).get("train_seconds", 0.0)),
+        cpu_seconds=float((resumed_meta or {}).get("cpu_seconds", 0.0)),
     )
     model = step_fn.merge(st)
     if lora:
         model = merge_lora(model)
     log.finish("sft", time.perf_counter() - t0, steps=S, **guard.row(), **guard.meta())
     return model
-
-
-def _evaluate(
-    cfg, model, tokenizer, examples, files: _Files, *, num_tokens_total: int
-) -> dict[str, Any]:
-    """Eval loss / perplexity, greedy exact match, and constrained retrieval metrics."""
-    from gti_jax.models.decode import TrieConstraint, beam_search, generate
-    from gti_jax.rec.metrics import retrieval_metrics, valid_rate
-    from gti_jax.train.data import (
-        Batch,
-        Batcher,
-        encode_examples,
-        encode_prompt,
-        end_of_turn_id,
-        read_candidates,
-        target_positions,
-        target_width,
-    )
-    from gti_jax.train.steps import put_batch
-
-    results: dict[str, Any] = {}
-    if cfg.eval.max_examples is not None:
-        examples = examples[: cfg.eval.max_examples]
-    if not examples:  # no data.eval, or eval.max_examples=0
-        return results
-    results["num_eval"] = len(examples)
-    ct = cfg.data.chat_template
-    end = end_of_turn_id(tokenizer, chat_template=ct)
-
-    # loss / perplexity (teacher forcing, completion tokens only)
-    enc = encode_examples(
-        tokenizer, examples, max_len=cfg.data.max_len, chat_template=ct, source="eval"
-    )
-    bs = cfg.eval.batch_size
-    buckets = Batcher(enc, batch_size=1, seed=0, max_len=cfg.data.max_len)
-    graphdef, state = nnx.split(model)
-    loss_sum, count = 0.0, 0.0
-    for i in range(0, len(enc), bs):
-        chunk = enc[i : i + bs]
-        t = buckets.bucket_for(max(len(ids) for ids, _ in chunk))
-        ids = np.zeros((bs, t), np.int32)
-        lm = np.zeros((bs, t), np.float32)
-        attn = np.zeros((bs, t), np.int32)
-        for r, (x, m) in enumerate(chunk):  # rows past the chunk stay empty (fixed shapes)
-            ids[r, : len(x)], lm[r, : len(x)], attn[r, : len(x)] = x, m, 1
-        targets = target_positions(list(lm), t, target_width(buckets.max_targets, t))
-        s, n = _eval_fn(graphdef)(state, put_batch(Batch(ids, lm, attn, targets)))
-        loss_sum, count = loss_sum + float(s), count + float(n)
-    results["eval_loss"] = loss_sum / max(count, 1.0)
-    results["perplexity"] = math.exp(min(results["eval_loss"], 50.0))
-
-    prompts = [
-        list(encode_prompt(tokenizer, ex.prompt, chat_template=ct, max_len=cfg.data.max_len))
-        for ex in examples
-    ]
-    targets = [ex.completion.strip() for ex in examples]
-    # greedy exact match
-    hits = 0
-    for i in range(0, len(prompts), bs):
-        out = generate(
-            model,
-            prompts[i : i + bs],
-            max_new_tokens=cfg.eval.max_new_tokens,
-            eos_ids=[end],
-            num_tokens=num_tokens_total,
-        )
-        for seq, tgt in zip(out.sequences, targets[i : i + bs], strict=True):
-            text = tokenizer.decode([t for t in seq if t != end], skip_special_tokens=False).strip()
-            hits += text == tgt
-    results["exact_match"] = hits / len(prompts)
-
-    # constrained beam search over the candidates
-    # without data.candidates, the distinct eval completions are the candidates
-    cands = (
-        read_candidates(files.candidates)
-        if files.candidates is not None
-        else sorted({ex.completion.strip() for ex in examples})
-    )
-    if cands:
-        seqs = {}
-        for c in cands:
-            ids = tuple(tokenizer.encode(c, add_special_tokens=False))
-            seqs.setdefault(ids, c)
-        trie = TrieConstraint.from_sequences([list(k) for k in seqs], eos_id=end)
-        max_new = max(len(k) for k in seqs) + 1
-        beams = max(cfg.eval.beams, 1)
-        ranked, generated = [], []
-        nb = max(1, bs // 2)
-        for i in range(0, len(prompts), nb):
-            out = beam_search(
-                model,
-                prompts[i : i + nb],
-                num_beams=beams,
-                max_new_tokens=max_new,
-                eos_ids=[end],
-                num_tokens=num_tokens_total,
-                constraint=trie,
-            )
-            for hyps in out.sequences:
-                names = []
-                for h in hyps:
-                    key = tuple(t for t in h if t != end)
-                    name = seqs.get(key)
-                    generated.append(name if name is not None else tokenizer.decode(list(key)))
-                    if name is not None:
-                        names.append(name)
-                ranked.append(names)
-        results["valid_rate"] = valid_rate(generated, set(cands))
-        results.update(retrieval_metrics(ranked, targets, ks=tuple(k for k in cfg.eval.k)))
-        if beams < max(cfg.eval.k):
-            results["note"] = (
-                f"eval.beams={beams} < max(eval.k)={max(cfg.eval.k)}: metrics at larger K count only {beams} results"
-            )
-    return results
-
-
-_EVAL_CACHE: dict[Any, Any] = {}
-
-
-def _eval_fn(graphdef):
-    from gti_jax.train.steps import model_lm_loss
-
-    if graphdef not in _EVAL_CACHE:
-
-        @jax.jit
-        def f(state, batch):
-            return model_lm_loss(nnx.merge(graphdef, state), batch)
-
-        _EVAL_CACHE[graphdef] = f
-    return _EVAL_CACHE[graphdef]

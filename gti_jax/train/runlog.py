@@ -16,24 +16,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_json", "RunLog", "Progress"]
+__all__ = ["atomic_write_json", "atomic_write_text", "RunLog", "Progress"]
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON to ``path`` through a temporary file and a rename (never half-written)."""
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def _clean(v):
