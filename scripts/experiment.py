@@ -70,6 +70,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from gti_jax.rec.paired import (  # noqa: E402
+    hits_at_k,
+    mcnemar_exact,
+    ndcg_at_k_per_user,
+    paired_bootstrap,
+)
 from gti_jax.train.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from gti_jax.train.runlog import atomic_write_json  # noqa: E402
 
@@ -469,7 +475,15 @@ def collect(specs: Sequence[RunSpec], out: Path) -> dict[str, Any]:
     popularity = None
     for s in specs:
         a = arms.setdefault(
-            s.arm, {"seeds": [], "results": [], "diagnostics": [], "seconds": [], "run_dirs": []}
+            s.arm,
+            {
+                "seeds": [],
+                "results": [],
+                "diagnostics": [],
+                "seconds": [],
+                "run_dirs": [],
+                "ranks": [],
+            },
         )
         res = _read_json(s.run_dir / "results.json") if s.done else None
         if res is None:
@@ -480,6 +494,7 @@ def collect(specs: Sequence[RunSpec], out: Path) -> dict[str, Any]:
         a["diagnostics"].append(_read_json(s.run_dir / "diagnostics.json") or {})
         a["seconds"].append(float(times.get(s.key, res.get("wall_seconds", float("nan")))))
         a["run_dirs"].append(s.run_dir)
+        a["ranks"].append(_read_json(s.run_dir / "eval_ranks.json"))  # None for older runs
         popularity = popularity or res.get("popularity_baseline")
     stats_file = out / "data" / "prepare_stats.json"
     return {
@@ -549,6 +564,48 @@ def _verdict(name_a: str, name_b: str, c: dict, label: str) -> tuple[str, bool]:
     return line, clear
 
 
+def _paired(a: dict, b: dict, k: int) -> dict[str, Any] | None:
+    """Per-user paired tests of arm a vs arm b at K over the seeds both finished.
+
+    McNemar's exact test on hit@K pools every (user, seed) pair; the paired bootstrap
+    resamples users, each scored by their hit@K / NDCG@K averaged over the seeds.
+    """
+    ra = {s: r for s, r in zip(a["seeds"], a["ranks"], strict=True) if r}
+    rb = {s: r for s, r in zip(b["seeds"], b["ranks"], strict=True) if r}
+    seeds = sorted(set(ra) & set(rb))
+    if not seeds or any(ra[s]["targets"] != rb[s]["targets"] for s in seeds):
+        return None  # no per-user ranks, or not the same users
+    hits = lambda r: np.stack([hits_at_k(r[s]["ranks"], k) for s in seeds])  # noqa: E731
+    ndcg = lambda r: np.stack([ndcg_at_k_per_user(r[s]["ranks"], k) for s in seeds])  # noqa: E731
+    return {
+        "seeds": seeds,
+        "users": len(ra[seeds[0]]["targets"]),
+        "mcnemar": mcnemar_exact(hits(ra).ravel(), hits(rb).ravel()),
+        "recall": paired_bootstrap(hits(ra), hits(rb)),
+        "ndcg": paired_bootstrap(ndcg(ra), ndcg(rb)),
+    }
+
+
+def _paired_lines(present: dict, pairs: Sequence[tuple[str, str]], k: int) -> list[str]:
+    lines = []
+    for a, b in pairs:
+        if a not in present or b not in present:
+            continue
+        t = _paired(present[a], present[b], k)
+        if t is None:
+            lines.append(f"- {a} vs {b}: no per-user ranks on the same users (eval_ranks.json).")
+            continue
+        m, r, n = t["mcnemar"], t["recall"], t["ndcg"]
+        lines.append(
+            f"- **{a}** vs **{b}** ({t['users']} users x seeds {t['seeds']}): hit@{k} only "
+            f"{a} {m['a_only']}, only {b} {m['b_only']}, McNemar p = {m['p']:.3g}; "
+            f"Recall@{k} difference {r['diff']:+.4f} (95% CI {r['ci_low']:+.4f} .. "
+            f"{r['ci_high']:+.4f}, bootstrap p = {r['p']:.3g}); NDCG@{k} difference "
+            f"{n['diff']:+.4f} (bootstrap p = {n['p']:.3g})."
+        )
+    return lines
+
+
 def _conclusion(data: dict[str, Any]) -> list[str]:
     arms, ks, pop = data["arms"], data["ks"], data["popularity"]
     present = {k: v for k, v in arms.items() if v["results"]}
@@ -600,6 +657,16 @@ def _conclusion(data: dict[str, Any]) -> list[str]:
             "",
             *(text for text, _ in comps),
         ]
+        paired = _paired_lines(present, pairs, k_mid)
+        if paired:
+            lines += [
+                "",
+                f"Paired per-user tests at K = {k_mid} (the arms rank the same users: McNemar's "
+                "exact test on hit@K over (user, seed) pairs; a paired bootstrap over users of "
+                "the seed-averaged score, 10,000 resamples):",
+                "",
+                *paired,
+            ]
         gti = [a for a in ("mean+gti", "description+gti") if a in present]
         wins = [text for text, clear in comps if clear]
         if gti:

@@ -113,6 +113,11 @@ def test_runs_every_arm_and_seed_and_writes_the_report(exp, first):
     assert "| popularity baseline |" in text
     assert "## Conclusion" in text and "Best at Recall@1" in text
     assert "**mean+gti**" in text and "**mean**" in text  # the GTI vs mean comparison
+    # the paired per-user test on the same users, from each run's eval_ranks.json
+    assert "Paired per-user tests at K = 3" in text
+    assert re.search(
+        r"\*\*mean\+gti\*\* vs \*\*mean\*\* \(\d+ users x seeds \[0, 1\]\).*McNemar p = ", text
+    )
     for bad in (r"\bnan\b", r"\bNone\b", "TODO", "TBD", "XXX", r"\{[a-z_]*\}"):
         assert not re.search(bad, text), bad
     fig_dir = exp["report"].parent / "results"
