@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from gti_jax.errors import BadInput
 from gti_jax.io.atomic import temp_dir_beside
 from gti_jax.io.safetensors import load_dir_tensors, save_dir_tensors
 from gti_jax.models.config import LlamaConfig
@@ -88,7 +89,7 @@ _FORWARD = [(_compile(hf), nnx_path, kind) for hf, nnx_path, kind in KEY_TABLE]
 _BACKWARD = [(_compile(p), hf, kind) for hf, p, kind in KEY_TABLE]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(BadInput):
     """A checkpoint's tensors do not match the model config (lists every problem)."""
 
 
