@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +43,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from gti_jax.io.atomic import temp_file_beside
 
 __all__ = [
     "CheckpointError",
@@ -369,7 +370,7 @@ def save_rows(path: str | os.PathLike[str], rows: Any, meta: Mapping[str, Any]) 
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".rows-", suffix=".safetensors.tmp", dir=directory)
+    fd, tmp = temp_file_beside(target, ".safetensors.tmp")  # 0666 - umask, not mkstemp's 0600
     os.close(fd)
     try:
         save_file({_ROWS_KEY: array}, tmp, metadata=header)
