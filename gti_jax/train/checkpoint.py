@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +45,7 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from gti_jax.io.atomic import temp_file_beside
+from gti_jax.io.atomic import umask
 
 __all__ = [
     "CheckpointError",
@@ -370,10 +371,11 @@ def save_rows(path: str | os.PathLike[str], rows: Any, meta: Mapping[str, Any]) 
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = temp_file_beside(target, ".safetensors.tmp")  # 0666 - umask, not mkstemp's 0600
+    fd, tmp = tempfile.mkstemp(prefix=".rows-", suffix=".safetensors.tmp", dir=directory)
     os.close(fd)
     try:
         save_file({_ROWS_KEY: array}, tmp, metadata=header)
+        os.chmod(tmp, 0o666 & ~umask())  # an ordinary file, not mkstemp's 0600
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
