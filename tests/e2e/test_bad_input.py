@@ -131,7 +131,7 @@ TRAIN = {
     ),
     "config disagrees with the tensors": (
         lambda t, w, s: [f"model={_wrong_hidden_size(t, w)}"],
-        ["embed_tokens"],
+        ["config.json", "contradicts", "hidden_size=64", "embed_tokens", "[375, 48]"],
     ),
     "truncated safetensors": (
         lambda t, w, s: [f"model={_truncated_model(t, w)}"],
