@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pytest
 import gti_jax.io.safetensors as st_io
 from gti_jax.errors import BadInput, GtiError, RunFailed
 from gti_jax.train.__main__ import main
-from tests.helpers.tiny_task import make_tiny_task
+from tests.helpers.tiny_task import make_tiny_task, train_command, train_env
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +191,19 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_baseline_without_training_writes_and_keeps_results(task, tmp_path, capsys, umask_022):
-    """ground.steps=0 sft.steps=0 with token, eval and candidate files: initialize, don't
-    train, evaluate. It used to fail drawing loss.png and then delete the run directory."""
+def test_baseline_without_training_writes_and_keeps_results(task, tmp_path, umask_022):
+    """``python -m gti_jax.train`` with ground.steps=0 sft.steps=0 and token, eval and
+    candidate files: initialize, don't train, evaluate. It used to fail drawing loss.png and
+    then delete the run directory, results included."""
     run_dir = tmp_path / "run"
-    rc, err = _main(_args(task, run_dir, eval_=True, candidates=True), capsys)
-    assert rc == 0, err[-3000:]
+    r = subprocess.run(
+        train_command(*_args(task, run_dir, eval_=True, candidates=True)),
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["num_eval"] == 6 and results["valid_rate"] == 1.0
     assert np.isfinite(results["eval_loss"]) and "recall@3" in results
