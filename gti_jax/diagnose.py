@@ -38,7 +38,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,8 @@ from typing import Any
 import numpy as np
 
 from gti_jax import diagnostics, plots
+from gti_jax.errors import BadInput
+from gti_jax.io.atomic import atomic_write
 
 __all__ = [
     "DiagnoseError",
@@ -75,7 +76,7 @@ _EMBED_SUFFIX = "embed_tokens.weight"
 _WIDTHS = (8, 6, 10, 10, 9, 9, 9, 9)
 
 
-class DiagnoseError(ValueError):
+class DiagnoseError(BadInput):
     """Bad input to the diagnostics recorder or CLI (the message names the problem and fix)."""
 
 
@@ -159,16 +160,7 @@ def _semantic_order(tokens: Sequence[str]) -> np.ndarray:
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write, binary=True)
 
 
 def _jsonable(x: Any) -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from gti_jax.errors import BadInput
 from gti_jax.io import safetensors as st
 from gti_jax.io.atomic import temp_dir_beside
 from gti_jax.vocab import initializers as inits
@@ -46,7 +47,7 @@ from gti_jax.vocab.tokens import (
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 
 
-class ExtendError(ValueError):
+class ExtendError(BadInput):
     """Bad input to ``gti_jax.extend``."""
 
 

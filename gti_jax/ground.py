@@ -36,6 +36,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gti_jax.errors import BadInput
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batch
@@ -70,7 +71,7 @@ EMBED_PATH = ("embed", "embedding")
 HEAD_PATH = ("lm_head", "kernel")
 
 
-class GroundError(ValueError):
+class GroundError(BadInput):
     """A grounding request that cannot be carried out (one line naming the fix)."""
 
 

@@ -1,15 +1,24 @@
-"""Temporary files and directories that become outputs only when complete."""
+"""Temporary files and directories that become outputs only when complete.
+
+Every output is written under a hidden temporary name beside its final one and renamed into
+place, so a kill or a full disk never leaves a half-written file under the final name. The
+temporaries get the permissions of an ordinary new file (0666 or 0777 minus the umask), not
+the 0600/0700 of ``tempfile``, since they become the outputs.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["temp_dir_beside"]
+__all__ = ["atomic_write", "temp_dir_beside", "temp_file_beside", "umask"]
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -23,5 +32,61 @@ def temp_dir_beside(path: str | os.PathLike, tag: str = "tmp") -> Path:
     """
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~umask())
     return tmp
+
+
+def temp_file_beside(path: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new hidden file next to ``path`` (an open descriptor and its name), to rename into place.
+
+    Unlike ``tempfile.mkstemp`` (mode 0600), it gets the permissions of an ordinary new file
+    (0666 minus the umask), since it becomes the output.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, Path(tmp)
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[Any]], Any], *, binary: bool = False
+) -> Path:
+    """Writes ``path`` through ``write(file)`` on a temporary file, then renames it into place.
+
+    The data is flushed to disk before the rename. On any failure (a full disk, a kill, an
+    error in ``write``) the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path: the destination; its directory is created if needed.
+        write: called once with the open temporary file.
+        binary: open the file in binary mode (text mode writes UTF-8 with ``\\n`` line ends).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> _ = atomic_write(p, lambda f: f.write("hello\\n"))
+        >>> p.read_text()
+        'hello\\n'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file_beside(path)
+    try:
+        kwargs = {} if binary else {"encoding": "utf-8", "newline": "\n"}
+        with os.fdopen(fd, "wb" if binary else "w", **kwargs) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from gti_jax.errors import BadInput
+from gti_jax.io.atomic import temp_file_beside
 
 __all__ = [
     "SafetensorsError",
@@ -53,7 +55,7 @@ _DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(BadInput):
     """A safetensors file or checkpoint directory is missing, malformed or truncated."""
 
 
@@ -235,12 +237,9 @@ def _write(path: Path, tensors: Mapping[str, object], metadata: Mapping[str, str
 
 def _atomic(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
-    return Path(tmp)
+    return tmp
 
 
 def save_tensors(

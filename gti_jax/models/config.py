@@ -20,6 +20,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from gti_jax.errors import BadInput
+
 __all__ = ["LlamaConfig", "ConfigError", "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -31,7 +33,7 @@ _ARCHITECTURES = {
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A model config uses a feature or value this implementation does not support."""
 
 

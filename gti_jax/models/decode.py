@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gti_jax.errors import BadInput
 from gti_jax.models.llama import KVCache, LlamaForCausalLM
 
 __all__ = [
@@ -68,7 +69,7 @@ Prompts = Sequence[Sequence[int]] | tuple[Any, Any]
 _NEG_INF = float("-inf")
 
 
-class DecodeError(ValueError):
+class DecodeError(BadInput):
     """Bad decoding input (prompts, token ids, constraint or settings)."""
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from gti_jax.errors import BadInput
+
 __all__ = [
     "ALIASES",
     "GGUFError",
@@ -70,11 +72,11 @@ _GLOBAL_MAP = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(BadInput):
     """A GGUF file that cannot be read or is not a supported model."""
 
 
-class GGUFFileNotFoundError(FileNotFoundError):
+class GGUFFileNotFoundError(FileNotFoundError, GGUFError):
     """A GGUF path (or an alias's package) that does not exist."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from gti_jax.errors import BadInput
 from gti_jax.io.atomic import temp_dir_beside
 from gti_jax.io.safetensors import load_dir_tensors, save_dir_tensors
 from gti_jax.models.config import LlamaConfig
@@ -88,7 +89,7 @@ _FORWARD = [(_compile(hf), nnx_path, kind) for hf, nnx_path, kind in KEY_TABLE]
 _BACKWARD = [(_compile(p), hf, kind) for hf, p, kind in KEY_TABLE]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(BadInput):
     """A checkpoint's tensors do not match the model config (lists every problem)."""
 
 
@@ -339,10 +340,79 @@ def load_hf_dir(
                 f"{path}: cannot load a tokenizer ({e}); save one there with "
                 "tokenizer.save_pretrained or pass with_tokenizer=False"
             ) from None
-    model = model_from_tensors(
-        config, tensors, param_dtype=param_dtype, dtype=dtype, mesh=mesh, rules=rules
-    )
+    try:
+        model = model_from_tensors(
+            config, tensors, param_dtype=param_dtype, dtype=dtype, mesh=mesh, rules=rules
+        )
+    except CheckpointMismatchError as e:
+        wrong = config_contradictions(config, tensors)
+        if not wrong:
+            raise
+        raise CheckpointMismatchError(
+            f"{cfg_file} contradicts its tensors: {'; '.join(wrong)}; fix config.json, or "
+            f"give the checkpoint these tensors belong to\n{e}"
+        ) from None
     return model, tokenizer
+
+
+def config_contradictions(config: LlamaConfig, tensors: Mapping[str, Any]) -> list[str]:
+    """The sizes in ``config`` that the tensors contradict, one phrase each.
+
+    Reads only the shapes of the embedding, the first layer's projections and the layer
+    names, so a wrong ``hidden_size`` is named as such rather than as two dozen shapes.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8,
+        ...                   num_hidden_layers=1, num_attention_heads=1)
+        >>> config_contradictions(cfg, {"model.embed_tokens.weight": np.zeros((8, 6))})
+        ['hidden_size=4 but model.embed_tokens.weight is [8, 6] (width 6)']
+    """
+    out = []
+    emb = tensors.get("model.embed_tokens.weight")
+    if emb is not None and len(emb.shape) == 2:
+        rows, width = emb.shape
+        if width != config.hidden_size:
+            out.append(
+                f"hidden_size={config.hidden_size} but model.embed_tokens.weight is "
+                f"{list(emb.shape)} (width {width})"
+            )
+        if rows != config.vocab_size:
+            out.append(
+                f"vocab_size={config.vocab_size} but model.embed_tokens.weight has {rows} rows"
+            )
+    layers = {int(m.group(1)) for n in tensors if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if layers and len(layers) != config.num_hidden_layers:
+        out.append(
+            f"num_hidden_layers={config.num_hidden_layers} but the tensors hold {len(layers)} "
+            "layers"
+        )
+    gate = tensors.get("model.layers.0.mlp.gate_proj.weight")
+    if gate is not None and gate.shape[0] != config.intermediate_size:
+        out.append(
+            f"intermediate_size={config.intermediate_size} but "
+            f"model.layers.0.mlp.gate_proj.weight has {gate.shape[0]} rows"
+        )
+    q = tensors.get("model.layers.0.self_attn.q_proj.weight")
+    if (
+        q is not None
+        and config.head_dim
+        and q.shape[0] != config.num_attention_heads * config.head_dim
+    ):
+        out.append(
+            f"num_attention_heads x head_dim = {config.num_attention_heads} x {config.head_dim} "
+            f"but model.layers.0.self_attn.q_proj.weight has {q.shape[0]} rows"
+        )
+    k = tensors.get("model.layers.0.self_attn.k_proj.weight")
+    if (
+        k is not None
+        and config.head_dim
+        and k.shape[0] != config.num_key_value_heads * config.head_dim
+    ):
+        out.append(
+            f"num_key_value_heads x head_dim = {config.num_key_value_heads} x {config.head_dim} "
+            f"but model.layers.0.self_attn.k_proj.weight has {k.shape[0]} rows"
+        )
+    return out
 
 
 def _dtype_name(dtype) -> str:

@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gti_jax.errors import BadInput
+
 __all__ = [
     "LOGICAL_RULES",
     "MESH_AXES",
@@ -58,7 +60,7 @@ LOGICAL_RULES: Mapping[str, MeshAxes] = MappingProxyType(
 )
 
 
-class MeshError(ValueError):
+class MeshError(BadInput):
     """A mesh request does not fit the available devices."""
 
 

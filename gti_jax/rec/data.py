@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gti_jax.errors import BadInput
+
 __all__ = [
     "RecDataError",
     "RecFileNotFoundError",
@@ -59,7 +61,7 @@ _LOG = logging.getLogger(__name__)
 RECBOLE_HINT = "pip install --no-deps recbole==1.2.1"
 
 
-class RecDataError(ValueError):
+class RecDataError(BadInput):
     """A recommendation data file is malformed or does not fit the expected format."""
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from gti_jax.errors import BadInput
 from gti_jax.rec import data as rd
 from gti_jax.rec import metrics, prompts
 from gti_jax.rec import semantic_ids as sem
@@ -77,7 +78,7 @@ _KS = (5, 10, 20, 50, 100)  # the paper's cut-offs
 _ACTIONS = {"movielens-100k": "watched", "amazon-2018": "purchased", "amazon-2023": "purchased"}
 
 
-class PrepareError(ValueError):
+class PrepareError(BadInput):
     """Preparation cannot proceed (bad input, or an output directory that does not fit)."""
 
 

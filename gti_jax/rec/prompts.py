@@ -30,13 +30,13 @@ import math
 import os
 import re
 import string
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from gti_jax.io.atomic import atomic_write
 from gti_jax.rec.data import Example, Item, RecDataError, RecDataset, Split, item_text
 
 __all__ = [
@@ -581,17 +581,7 @@ def aux_prompts(
 
 
 def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:

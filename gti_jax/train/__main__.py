@@ -4,9 +4,12 @@ With no arguments it runs the built-in quickstart (SmolLM2-135M on MovieLens-100
 GTI). ``--help`` lists every config key with its default and meaning. Re-running the same
 command on the same ``run_dir`` resumes from the last checkpoint.
 
-Exit codes: 0 done; 2 bad input (one line on stderr says what and how to fix it);
-75 stopped by SIGTERM after writing a checkpoint (re-run to resume); 1 non-finite loss or
-another failure (the last good checkpoint is kept).
+Exit codes, chosen by the error's type (``gti_jax.errors``), never by its message: 0 done;
+2 bad input (``BadInput``: one line on stderr says what and how to fix it; nothing was
+written); 75 stopped by SIGTERM after writing a checkpoint (re-run to resume); 1 the run
+started and failed (``RunFailed``: a non-finite loss, a full disk, a bug): one line names
+the stage and ``run_dir/error.log`` with the traceback, everything written is kept, and
+re-running resumes.
 """
 
 from __future__ import annotations
@@ -15,29 +18,30 @@ import sys
 
 
 def main(argv=None) -> int:
-    from gti_jax.train.config import ConfigError, parse_cli
+    from gti_jax.errors import BadInput, RunFailed
+    from gti_jax.train.config import parse_cli
 
     try:
         cfg = parse_cli(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
+    except BadInput as e:  # ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
-    from gti_jax.train.run import PREEMPTED_EXIT_CODE, Preempted, TrainError, run
+    from gti_jax.train.run import PREEMPTED_EXIT_CODE, Preempted, run
 
     try:
         run(cfg)
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except TrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1 if "non-finite" in str(e) else 2
-    except (ValueError, FileNotFoundError) as e:  # loaders' one-line errors
+    except BadInput as e:  # found before the run directory was made
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # NonFiniteError, StageFailed: the run directory is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

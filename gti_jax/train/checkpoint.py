@@ -45,6 +45,8 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from gti_jax.io.atomic import umask
+
 __all__ = [
     "CheckpointError",
     "Checkpointer",
@@ -373,6 +375,7 @@ def save_rows(path: str | os.PathLike[str], rows: Any, meta: Mapping[str, Any]) 
     os.close(fd)
     try:
         save_file({_ROWS_KEY: array}, tmp, metadata=header)
+        os.chmod(tmp, 0o666 & ~umask())  # an ordinary file, not mkstemp's 0600
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

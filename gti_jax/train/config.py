@@ -34,7 +34,6 @@ import functools
 import inspect
 import os
 import sys
-import tempfile
 import textwrap
 import types
 import typing
@@ -43,6 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
+
+from gti_jax.errors import BadInput
+from gti_jax.io.atomic import atomic_write
 
 __all__ = [
     "CheckpointConfig",
@@ -81,7 +83,7 @@ REC_PATH_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A configuration problem, reported as one line naming the key and the fix."""
 
 
@@ -1001,20 +1003,8 @@ def save_config(cfg: TrainConfig, path: str) -> None:
       >>> load_config(p, []) == TrainConfig()
       True
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(os.path.abspath(path), lambda f: f.write(text))
 
 
 def config_help() -> str:

@@ -37,6 +37,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gti_jax.errors import BadInput
+from gti_jax.io.text import read_utf8_lines
+
 __all__ = [
     "Batch",
     "Batcher",
@@ -60,11 +63,11 @@ __all__ = [
 Encoded = tuple[np.ndarray, np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """A bad data file or example; the message names the file/line, the problem and the fix."""
 
 
-class DataFileNotFoundError(FileNotFoundError):
+class DataFileNotFoundError(FileNotFoundError, DataError):
     """A data file does not exist."""
 
 
@@ -133,8 +136,7 @@ def _read_lines(path: str | os.PathLike[str], what: str) -> tuple[str, list[str]
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataFileNotFoundError(f"{path}: {what} file not found; check the path")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_utf8_lines(path, what)
     if not any(line.strip() for line in lines):
         raise DataError(f"{path}: {what} file is empty; add one example a line")
     return path, lines

@@ -109,6 +109,10 @@ class Evaluator:
                 )
         ct = cfg.data.chat_template
         self.end = end_of_turn_id(tokenizer, chat_template=ct)
+        # encoded now: an example that does not fit data.max_len is found before training
+        self.encoded = encode_examples(
+            tokenizer, self.examples, max_len=cfg.data.max_len, chat_template=ct, source="eval"
+        )
         self.targets = [ex.completion.strip() for ex in self.examples]
         self.prompts = [
             [
@@ -157,14 +161,7 @@ class Evaluator:
 
     def loss(self, model) -> dict[str, float]:
         """Teacher-forced loss and perplexity on the targets of the eval examples."""
-        cfg, bs = self.cfg, self.cfg.eval.batch_size
-        enc = encode_examples(
-            self.tokenizer,
-            self.examples,
-            max_len=cfg.data.max_len,
-            chat_template=cfg.data.chat_template,
-            source="eval",
-        )
+        cfg, bs, enc = self.cfg, self.cfg.eval.batch_size, self.encoded
         buckets = Batcher(enc, batch_size=1, seed=0, max_len=cfg.data.max_len)
         graphdef, state = nnx.split(model)
         fn = self._loss_fn(graphdef)

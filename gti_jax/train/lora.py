@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from gti_jax.errors import BadInput
+
 __all__ = [
     "LORA_TARGETS",
     "LoRA",
@@ -56,7 +58,7 @@ LORA_TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
-class LoRAError(ValueError):
+class LoRAError(BadInput):
     """A LoRA request that cannot be carried out (one line naming the fix)."""
 
 

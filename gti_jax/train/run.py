@@ -26,6 +26,10 @@ Run directory::
     loss.png           loss curves
     results.json       evaluation
     export/            a Hugging Face checkpoint directory
+    error.log          the traceback of each stage that failed (re-running resumes)
+
+Bad input (a :class:`~gti_jax.errors.BadInput`) is found before the run directory is made,
+so it leaves nothing behind. Once the directory exists nothing in it is removed on failure.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +51,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gti_jax.errors import BadInput, GtiError, RunFailed
 from gti_jax.train.config import TrainConfig, config_to_dict, save_config
 from gti_jax.train.runlog import Progress, RunLog, atomic_write_json, atomic_write_text
 
-__all__ = ["run", "TrainError", "NonFiniteError", "Preempted", "PREEMPTED_EXIT_CODE"]
+__all__ = [
+    "run",
+    "TrainError",
+    "NonFiniteError",
+    "StageFailed",
+    "Preempted",
+    "PREEMPTED_EXIT_CODE",
+]
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request, re-run the same command to resume
 _STOP_ENV = "GTI_JAX_STOP_AT_STEP"  # test hook: behave as if SIGTERM arrived after that step
@@ -60,15 +73,30 @@ _TEXT_TO_TOKEN = ("Which token stands for: {d}?", 'What is the token for "{d}"?'
 _TOKEN_TO_TEXT = ("What does {t} stand for?", "Describe {t}.")
 
 
-class TrainError(ValueError):
-    """A run that cannot go on: bad data, non-finite loss, a run directory in the way."""
+class TrainError(BadInput):
+    """Bad input to a run (data, model, config, a run directory in the way), found before the
+    run directory is made."""
 
 
-class NonFiniteError(TrainError):
+class NonFiniteError(RunFailed):
     """A non-finite loss or gradient stopped the run (nan_policy=stop, or too many skips)."""
 
 
-class Preempted(Exception):
+class StageFailed(RunFailed):
+    """A stage of a started run raised; the traceback is in ``run_dir/error.log``.
+
+    Attributes:
+      stage: the stage that failed (``start``, ``load``, ``data``, ``extend``, ``ground``,
+        ``sft``, ``evaluate``, ``export``).
+      log_path: the file holding the traceback, or None when it could not be written.
+    """
+
+    def __init__(self, message: str, *, stage: str, log_path: Path | None):
+        super().__init__(message)
+        self.stage, self.log_path = stage, log_path
+
+
+class Preempted(GtiError):
     """Raised after a requested stop (SIGTERM) once a checkpoint is safely written."""
 
 
@@ -131,16 +159,27 @@ def _init_distributed(cfg: TrainConfig) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> Path:
+# What a failed start may leave in a run directory that holds no run yet.
+_LEFT_BY_A_FAILED_START = ("data", "error.log")
+
+
+def _check_run_dir(cfg: TrainConfig) -> Path:
+    """Checks that ``run_dir`` can hold this run, without creating or changing anything."""
     run_dir = Path(cfg.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"run_dir {run_dir} is a file; choose a writable run_dir directory")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
         raise TrainError(
-            f"run_dir {run_dir}: cannot create it ({e.strerror}); choose a writable run_dir"
-        ) from None
-    if not os.access(run_dir, os.W_OK):
-        raise TrainError(f"run_dir {run_dir} is not writable; choose a writable run_dir")
+            f"run_dir {run_dir}: cannot create it ({existing} is not a directory); choose a "
+            "writable run_dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainError(
+            f"run_dir {run_dir}: {existing} is not writable; choose a writable run_dir"
+        )
     saved = run_dir / "config.yaml"
     resolved = _comparable(config_to_dict(cfg))
     if saved.is_file():
@@ -159,14 +198,31 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
                 f"run_dir {run_dir} holds a run with a different config (differs in {', '.join(diff[:5])}); "
                 "use a new run_dir to start another run, or the same config to resume"
             )
-    elif any(p.name != "data" for p in run_dir.iterdir()) and not cfg.resume:
+    elif (
+        run_dir.is_dir()
+        and not cfg.resume
+        and any(p.name not in _LEFT_BY_A_FAILED_START for p in run_dir.iterdir())
+    ):
         raise TrainError(f"run_dir {run_dir} is not empty; choose an empty or new run_dir")
+    return run_dir
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Creates ``run_dir`` (every check passed); the last step that may raise bad input."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(
+            f"run_dir {run_dir}: cannot create it ({e.strerror}); choose a writable run_dir"
+        ) from None
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path) -> None:
     # every process has checked the directory before process 0 writes into it
     _barrier("gti_jax.train: run_dir checked")
     if jax.process_index() == 0:
-        save_config(cfg, saved)
+        save_config(cfg, run_dir / "config.yaml")
     _barrier("gti_jax.train: run_dir ready")
-    return run_dir
 
 
 def _barrier(name: str) -> None:
@@ -205,6 +261,10 @@ def _host_model(model):
 _RESUME_FREE = (
     "resume",
     "log_every",
+    # evaluation reads the model, never changes it: a resumed run may evaluate differently
+    "eval.curve_every",
+    "eval.batch_size",
+    "eval.exact_match",
     "checkpoint.keep",
     "checkpoint.async_save",
     "checkpoint.every",
@@ -387,15 +447,25 @@ def _check_batch_fits(cfg: TrainConfig, mesh, rules) -> None:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Runs every stage of ``cfg`` (resuming from ``cfg.run_dir`` when it holds a run).
 
+    Every input is checked first, before the run directory is made: the run directory, the
+    model (loaded), every data file (existence, UTF-8, form, non-empty), the new tokens and
+    the examples they make. After that nothing the run writes is ever removed, whatever
+    fails: an unexpected error is recorded in ``run_dir/error.log`` and re-running the same
+    command resumes.
+
+    Any combination of stages runs: ``ground.steps=0`` and ``sft.steps=0`` evaluate (or only
+    export) the extended, initialized model.
+
     Returns:
       The evaluation results (also written to ``run_dir/results.json``).
 
     Raises:
-      TrainError: bad data or run directory (checked before heavy work; a run directory
-        this call created is removed again).
+      TrainError: bad input (a ``BadInput``), found before the run directory was made.
       NonFiniteError: a non-finite loss or gradient under ``nan_policy=stop``, or more than
         ``max_skipped_steps`` of them under ``nan_policy=skip``; the update was not applied
         and the last good checkpoint is kept.
+      StageFailed: any other error once the run started (a full disk, a bug); its message
+        names the stage and the traceback file; everything written so far is kept.
       Preempted: SIGTERM arrived; a checkpoint was written; re-run to resume.
 
     On several processes (``distributed.enabled``) every process calls it with the same
@@ -403,39 +473,110 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """
     t_run = time.perf_counter()
     _init_distributed(cfg)
-    # Everything checkable without heavy work is checked before the run directory exists.
+    # Everything checkable is checked before the run directory exists: a BadInput from here
+    # on leaves nothing behind.
     given = _given_files(cfg)
     _check_model(cfg.model)
     mesh = _mesh(cfg)
     rules = dict(cfg.mesh.rules)
     _check_batch_fits(cfg, mesh, rules)
-    created = not Path(cfg.run_dir).exists()
-    run_dir = _prepare_run_dir(cfg)
+    run_dir = _check_run_dir(cfg)
+    t0 = time.perf_counter()
+    model, tokenizer = _load(cfg, mesh, rules)
+    load_seconds = time.perf_counter() - t0
+    inputs = _read_inputs(cfg, given, model, tokenizer) if given is not None else None
+    _make_run_dir(run_dir)
+    # From here on the run directory holds what the run made: nothing is removed on failure.
+    where = _Where()
     try:
-        return _run(cfg, run_dir, given, mesh, rules, t_run)
-    except NonFiniteError:
-        raise  # not bad input: keep the run directory (metrics, checkpoints) to look at
-    except (TrainError, ValueError, FileNotFoundError):
-        # bad input found before any stage finished: leave nothing behind
-        if created and jax.process_index() == 0 and not _any_training(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
+        _write_config(cfg, run_dir)
+        return _run(
+            cfg, run_dir, where, model, tokenizer, load_seconds, given, inputs, mesh, rules, t_run
+        )
+    except (Preempted, NonFiniteError):
         raise
+    except Exception as e:  # noqa: BLE001 - any failure: keep everything, say where to look
+        raise _stage_failed(run_dir, where.stage, e) from e
 
 
-def _any_training(run_dir: Path) -> bool:
-    """Whether the run has anything worth keeping (a checkpoint or a finished training stage)."""
-    ckpts = run_dir / "checkpoints"
-    return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+class _Where:
+    """The stage a run is in (named in the error of a stage that fails)."""
+
+    stage = "start"
 
 
-def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str, Any]:
-    from gti_jax import diagnose
-    from gti_jax.models import export_hf_dir, load_pretrained
+def _stage_failed(run_dir: Path, stage: str, e: BaseException) -> StageFailed:
+    """Appends the traceback of `e` to ``run_dir/error.log``; the one-line error to raise."""
+    index = jax.process_index()
+    path = run_dir / ("error.log" if index == 0 else f"error.{index}.log")
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    text = lines[0] if lines else "(no message)"
+    if len(text) > 400:
+        text = text[:400] + " ..."
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            f.write(f"=== {stamp}: stage {stage} failed ===\n")
+            f.write("".join(traceback.format_exception(e)))
+        told, log_path = f"traceback in {path}", path
+    except OSError as w:
+        told, log_path = f"could not write the traceback to {path} ({w.strerror or w})", None
+    return StageFailed(
+        f"stage {stage} failed: {type(e).__name__}: {text}; {told}; fix the cause and re-run "
+        "the same command to resume",
+        stage=stage,
+        log_path=log_path,
+    )
+
+
+def _load(cfg: TrainConfig, mesh, rules):
+    """The model and its tokenizer; a checkpoint that does not load is bad input."""
+    from gti_jax.models import load_pretrained
     from gti_jax.models.hf import CheckpointMismatchError
-    from gti_jax.train.checkpoint import Checkpointer
+
+    try:
+        if mesh is not None:
+            return load_pretrained(cfg.model, mesh=mesh, rules=rules)
+        return load_pretrained(cfg.model)
+    except CheckpointMismatchError as e:  # one line: the count and the first problems
+        head, *problems = [x.strip() for x in str(e).splitlines() if x.strip()]
+        if "contradicts its tensors" in head:  # config.json names the sizes it got wrong
+            raise TrainError(f"model={cfg.model}: {head}") from None
+        more = f"; ... {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise TrainError(
+            f"model={cfg.model}: {head.rstrip(':')}: {'; '.join(problems[:3])}{more}; fix "
+            "config.json or give the checkpoint its tensors belong to"
+        ) from None
+    except FileNotFoundError as e:
+        if isinstance(e, GtiError):
+            raise
+        raise TrainError(f"model={cfg.model}: {e}") from None
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """Everything a run reads from its data files, read and checked before it starts."""
+
+    files: _Files
+    entries: list  # TokenEntry, file order
+    to_add: list[str]  # the new tokens
+    num_tokens: int  # the tokenizer's size before the new tokens
+    new_range: range  # their ids in the extended tokenizer
+    desc_ids: Any  # init=description: each token's description ids
+    ground: list  # encoded grounding examples ([] without grounding)
+    sft: list  # encoded fine-tuning examples, auxiliary pairs included ([] without SFT)
+    sft_units: list[int]  # the targets each of them trains (the learning curve's x axis)
+    evaluator: Any  # the Evaluator of data.eval (its examples encoded, candidates checked)
+
+
+def _read_inputs(cfg: TrainConfig, files: _Files, model, tokenizer) -> _Inputs:
+    """Reads and checks every data file and the examples they make; extends the tokenizer.
+
+    Raises a BadInput (TrainError, TokenError, DataError, ...) naming the file and the line.
+    """
     from gti_jax.train.data import encode_examples, read_candidates, read_examples
     from gti_jax.train.evaluate import Evaluator
-    from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
+    from gti_jax.vocab.resize import plan_resize
     from gti_jax.vocab.tokens import (
         description_token_ids,
         extend_tokenizer,
@@ -443,33 +584,6 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
         validate_new_tokens,
     )
 
-    writer = jax.process_index() == 0
-    log = RunLog(run_dir, writer=writer)
-    stop = _StopFlag().install()
-
-    # load ------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    try:
-        model, tokenizer = (
-            load_pretrained(cfg.model, mesh=mesh, rules=rules)
-            if mesh is not None
-            else load_pretrained(cfg.model)
-        )
-    except CheckpointMismatchError as e:  # one line: the count and the first problems
-        head, *problems = [x.strip() for x in str(e).splitlines() if x.strip()]
-        more = f"; ... {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise TrainError(
-            f"model={cfg.model}: {head.rstrip(':')}: {'; '.join(problems[:3])}{more}; fix "
-            "config.json or give the checkpoint its tensors belong to"
-        ) from None
-    tied = bool(model.config.tie_word_embeddings)
-    log.finish(
-        "load", time.perf_counter() - t0, model=str(cfg.model), rows=int(model.num_rows), tied=tied
-    )
-
-    # data + extend + init --------------------------------------------------------------
-    t0 = time.perf_counter()
-    files = _data_files(cfg, given, run_dir, model, tokenizer)
     entries = read_tokens_file(files.tokens)
     num_tokens = len(tokenizer)
     requested = [e.token for e in entries]
@@ -480,6 +594,12 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
             f"data.tokens={files.tokens}: {len(existing)} token(s) already in the vocabulary: "
             f"{', '.join(repr(t) for t in existing[:5])}; remove them from the tokens file"
         )
+    plan_resize(
+        int(model.num_rows),
+        num_tokens,
+        num_tokens + len(to_add),
+        pad_to_multiple_of=cfg.pad_to_multiple_of,
+    )
     pairs = read_examples(files.pairs) if files.pairs else None
     if cfg.ground.steps > 0 and pairs is None:
         pairs = pairs_from_descriptions(entries, cfg.ground.templates, cfg.seed)
@@ -487,14 +607,85 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     sft_examples = read_examples(files.sft) if files.sft else []
     if cfg.sft.steps > 0 and not sft_examples:
         raise TrainError("sft.steps > 0 but data.sft is unset; give data.sft or set sft.steps=0")
+    aux = _aux_examples(cfg, files, pairs, sft_examples) if cfg.sft.steps > 0 else []
     eval_examples = read_examples(files.eval) if files.eval else []
+    if cfg.eval.max_examples is not None:
+        eval_examples = eval_examples[: cfg.eval.max_examples]
+    candidates = read_candidates(files.candidates) if files.candidates else None
     desc_ids = None
     if cfg.init == "description":
-        desc_ids = description_token_ids(
-            tokenizer, [e.description for e in entries], tokens=[e.token for e in entries]
-        )
+        descriptions = [e.description for e in entries]
+        empty = [e.token for e in entries if not (e.description or "").strip()]
+        if empty:
+            raise TrainError(
+                f"init=description needs a description for every token; {len(empty)} have "
+                f"none ({', '.join(empty[:5])}): add them to data.tokens={files.tokens} or "
+                "choose another init"
+            )
+        desc_ids = description_token_ids(tokenizer, descriptions, tokens=requested)
     new_ids = extend_tokenizer(tokenizer, to_add)
-    new_range = range(new_ids[0], new_ids[-1] + 1)
+
+    def encode(examples, source):
+        return encode_examples(
+            tokenizer,
+            examples,
+            max_len=cfg.data.max_len,
+            chat_template=cfg.data.chat_template,
+            source=source,
+        )
+
+    return _Inputs(
+        files=files,
+        entries=entries,
+        to_add=to_add,
+        num_tokens=num_tokens,
+        new_range=range(new_ids[0], new_ids[-1] + 1),
+        desc_ids=desc_ids,
+        ground=encode(pairs, str(files.pairs or "generated pairs")) if cfg.ground.steps else [],
+        sft=encode(sft_examples + aux, str(files.sft)) if cfg.sft.steps else [],
+        sft_units=[ex.num_targets for ex in sft_examples + aux] if cfg.sft.steps else [],
+        evaluator=Evaluator(
+            cfg, tokenizer, eval_examples, candidates, sft_examples, num_tokens=len(tokenizer)
+        ),
+    )
+
+
+def _run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    where: _Where,
+    model,
+    tokenizer,
+    load_seconds: float,
+    given: _Files | None,
+    inputs: _Inputs | None,
+    mesh,
+    rules,
+    t_run,
+) -> dict[str, Any]:
+    from gti_jax import diagnose
+    from gti_jax.models import export_hf_dir
+    from gti_jax.train.checkpoint import Checkpointer
+    from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
+
+    writer = jax.process_index() == 0
+    log = RunLog(run_dir, writer=writer)
+    stop = _StopFlag().install()
+
+    # load (done before the run directory was made) ---------------------------------------
+    where.stage = "load"
+    tied = bool(model.config.tie_word_embeddings)
+    log.finish("load", load_seconds, model=str(cfg.model), rows=int(model.num_rows), tied=tied)
+
+    # data + extend + init --------------------------------------------------------------
+    t0 = time.perf_counter()
+    if inputs is None:  # the built-in recommendation data, made in run_dir/data
+        where.stage = "data"
+        files = _data_files(cfg, given, run_dir, model, tokenizer)
+        inputs = _read_inputs(cfg, files, model, tokenizer)
+    where.stage = "extend"
+    files, to_add, new_range = inputs.files, inputs.to_add, inputs.new_range
+    num_tokens = inputs.num_tokens
     graphdef, state = nnx.split(model)
     state = resize_vocab(
         state,
@@ -504,7 +695,7 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
         jax.random.fold_in(jax.random.key(cfg.seed), 1),
         num_tokens=num_tokens,
         pad_to_multiple_of=cfg.pad_to_multiple_of,
-        description_ids=desc_ids,
+        description_ids=inputs.desc_ids,
         init_kwargs=dict(cfg.init_kwargs),
     )
     model = nnx.merge(graphdef, state)
@@ -519,15 +710,6 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     if writer:
         atomic_write_json(run_dir / "new_tokens.json", token_info)
     codebook = _codebook_vectors(files, to_add)
-    # built before training: a bad eval or candidates file is reported before any step
-    evaluator = Evaluator(
-        cfg,
-        tokenizer,
-        eval_examples,
-        read_candidates(files.candidates) if files.candidates is not None else None,
-        sft_examples,
-        num_tokens=len(tokenizer),
-    )
     decode = lambda i: tokenizer.decode([int(i)])  # noqa: E731
 
     def record(stage, m):
@@ -559,47 +741,37 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     latest = ckpt.latest_step()
     latest_meta = _peek_meta(ckpt, latest)
-    ctx = _Ctx(cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta, evaluator)
-    encode = lambda exs, src: encode_examples(
-        tokenizer, exs, max_len=cfg.data.max_len, chat_template=cfg.data.chat_template, source=src
-    )  # noqa: E731
+    ctx = _Ctx(cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta, inputs.evaluator)
 
     try:
         # ground -----------------------------------------------------------------------
         G = cfg.ground.steps
         sft_started = latest_meta is not None and latest_meta.get("stage") == "sft"
         if G > 0 and not sft_started:
-            model = _ground(
-                ctx,
-                model,
-                new_range,
-                tied,
-                encode(pairs, str(files.pairs or "generated pairs")),
-                token_info,
-            )
+            where.stage = "ground"
+            model = _ground(ctx, model, new_range, tied, inputs.ground, token_info)
             record("ground", model)
 
         # SFT --------------------------------------------------------------------------
         if cfg.sft.steps > 0:
-            aux = _aux_examples(cfg, files, pairs, sft_examples)
-            sft_enc = encode(sft_examples + aux, str(files.sft))
-            units = [ex.num_targets for ex in sft_examples + aux]
-            model = _sft(ctx, model, sft_enc, units)
+            where.stage = "sft"
+            model = _sft(ctx, model, inputs.sft, inputs.sft_units)
             record("sft", model)
     finally:
         ckpt.wait()
         ckpt.close()
 
     # evaluate ---------------------------------------------------------------------------
+    where.stage = "evaluate"
     t0 = time.perf_counter()
     # On several processes, every process gathers the model (a collective) and process 0
     # evaluates and exports it alone, on its own devices.
     host_model = _host_model(model)
-    results, ranks = evaluator(host_model) if writer else ({}, [])
+    results, ranks = inputs.evaluator(host_model) if writer else ({}, [])
     if writer and ranks:  # per-example ranks: paired tests between runs on the same users
         atomic_write_json(
             run_dir / "eval_ranks.json",
-            {"targets": evaluator.targets, "ranks": ranks, "beams": cfg.eval.beams},
+            {"targets": inputs.evaluator.targets, "ranks": ranks, "beams": cfg.eval.beams},
         )
     if cfg.nan_policy == "skip":
         results["skipped_steps"] = {
@@ -608,18 +780,27 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
     results["wall_seconds"] = round(time.perf_counter() - t_run, 1)
     if writer:
         atomic_write_json(run_dir / "results.json", results)
-        diagnose.plot_loss(run_dir)
+        if _has_metrics(run_dir):  # no training stage ran: no loss curve to draw
+            diagnose.plot_loss(run_dir)
     log.finish("evaluate", time.perf_counter() - t0)
 
     # export -----------------------------------------------------------------------------
     if cfg.export.hf and writer:
+        where.stage = "export"
         t0 = time.perf_counter()
         _remove_stale_temps(run_dir)
         export_hf_dir(host_model, None, tokenizer, run_dir / "export", overwrite=True)
         log.finish("export", time.perf_counter() - t0, path=str(run_dir / "export"))
+    where.stage = "finish"
     _barrier("gti_jax.train: done")  # no process leaves while process 0 still writes
     _log(f"done: {json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)})}")
     return results
+
+
+def _has_metrics(run_dir: Path) -> bool:
+    """Whether ``metrics.jsonl`` holds a line (a training stage logged a step)."""
+    path = run_dir / "metrics.jsonl"
+    return path.is_file() and path.stat().st_size > 0
 
 
 def _peek_meta(ckpt, step):

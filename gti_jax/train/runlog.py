@@ -11,28 +11,18 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from gti_jax.io.atomic import atomic_write
 
 __all__ = ["atomic_write_json", "atomic_write_text", "RunLog", "Progress"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: f.write(text))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -85,9 +75,8 @@ class RunLog:
             if row.get("stage") == stage and row.get("step", 0) > after_step:
                 continue
             keep.append(json.dumps(row))
-        tmp = self._metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self._metrics_path)
+        text = "".join(k + "\n" for k in keep)
+        atomic_write(self._metrics_path, lambda f: f.write(text))
 
     def metrics(self, row: dict[str, Any]) -> None:
         if not self.writer:

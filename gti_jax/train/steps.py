@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gti_jax.errors import BadInput
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
 from gti_jax.train.config import SFTConfig
 from gti_jax.train.data import Batch
@@ -67,7 +68,7 @@ __all__ = [
 Metrics = dict[str, jax.Array]
 
 
-class StepError(ValueError):
+class StepError(BadInput):
     """A training step cannot be built or run as asked (one line naming the fix)."""
 
 

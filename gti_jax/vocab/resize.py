@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from gti_jax.errors import BadInput
 from gti_jax.vocab.initializers import InitContext, Initializer, get_initializer
 
 __all__ = ["EmbeddingSpec", "VocabPlan", "plan_resize", "resize_vocab", "get_path", "ResizeError"]
@@ -32,7 +33,7 @@ __all__ = ["EmbeddingSpec", "VocabPlan", "plan_resize", "resize_vocab", "get_pat
 Path = tuple[Hashable, ...]
 
 
-class ResizeError(ValueError):
+class ResizeError(BadInput):
     """A resize request that cannot be carried out (bad spec, shrink, bad descriptions)."""
 
 

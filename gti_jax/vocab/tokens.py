@@ -28,9 +28,13 @@ from typing import Any
 
 from tokenizers import AddedToken
 
+from gti_jax.errors import BadInput
+from gti_jax.io.text import read_utf8_lines
+
 __all__ = [
     "TokenEntry",
     "TokenError",
+    "TokenFileNotFoundError",
     "description_token_ids",
     "extend_tokenizer",
     "num_tokens",
@@ -44,8 +48,12 @@ _SHOW = 5
 _CONTEXT = "hello {} world"
 
 
-class TokenError(ValueError):
+class TokenError(BadInput):
     """A bad token, tokens file or tokenizer; the message names the problem and the fix."""
+
+
+class TokenFileNotFoundError(FileNotFoundError, TokenError):
+    """A tokens file that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -128,9 +136,8 @@ def read_tokens_file(path: str | os.PathLike[str]) -> list[TokenEntry]:
             '{"token": ..., "description": ...} a line) or .txt (one token a line)'
         )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: tokens file not found; check the path")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+        raise TokenFileNotFoundError(f"{path}: tokens file not found; check the path")
+    lines = read_utf8_lines(path, "tokens")
     entries = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():

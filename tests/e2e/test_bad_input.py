@@ -33,6 +33,11 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def _model_copy(task, work: Path, name: str) -> Path:
     dst = work / name
     shutil.copytree(task.model, dst)
@@ -60,6 +65,12 @@ def _tokens(work, rows, name="tokens.jsonl"):
 
 
 NL = "\n"
+NOT_UTF8 = (
+    b'{"token": "<x_1>", "description": "ok"}\n{"token": "<x_2>", "description": "caf\xe9 \xff"}\n'
+)
+NO_COMPLETION_KEY = '{"x": 1}\n'
+CANDS_NOT_UTF8 = b"<i_0>\n<i_1>\xfe\n"
+LONG_COMPLETION = json.dumps({"prompt": "p", "completion": " ".join(["word"] * 300)}) + "\n"
 BAD_JSONL = '{"token": "<x_1>"}\n{oops\n'
 NO_COMPLETION = '{"prompt": "hello"}\n'
 
@@ -131,11 +142,41 @@ TRAIN = {
     ),
     "config disagrees with the tensors": (
         lambda t, w, s: [f"model={_wrong_hidden_size(t, w)}"],
-        ["embed_tokens"],
+        ["config.json", "contradicts", "hidden_size=64", "embed_tokens", "[375, 48]"],
     ),
     "truncated safetensors": (
         lambda t, w, s: [f"model={_truncated_model(t, w)}"],
         ["model.safetensors"],
+    ),
+    # every data file is read and checked before any stage runs (the candidates file used
+    # to be read only after grounding)
+    "empty candidates file": (
+        lambda t, w, s: [f"data.candidates={_write(w / 'cands.txt', NL)}"],
+        ["cands.txt", "empty"],
+    ),
+    "empty eval file": (
+        lambda t, w, s: [f"data.eval={_write(w / 'eval.jsonl', '')}"],
+        ["eval.jsonl", "empty"],
+    ),
+    "empty pairs file": (
+        lambda t, w, s: [f"data.pairs={_write(w / 'pairs.jsonl', NL + NL)}"],
+        ["pairs.jsonl", "empty"],
+    ),
+    "malformed candidates jsonl": (
+        lambda t, w, s: [f"data.candidates={_write(w / 'cands.jsonl', NO_COMPLETION_KEY)}"],
+        ["cands.jsonl:1", "completion"],
+    ),
+    "sft completion longer than max_len": (
+        lambda t, w, s: [f"data.sft={_write(w / 'sft.jsonl', LONG_COMPLETION)}"],
+        ["sft.jsonl", "max_len"],
+    ),
+    "tokens file not UTF-8": (
+        lambda t, w, s: [f"data.tokens={_write_bytes(w / 'tokens.jsonl', NOT_UTF8)}"],
+        ["tokens.jsonl:2", "not utf-8", "0xe9"],
+    ),
+    "candidates file not UTF-8": (
+        lambda t, w, s: [f"data.candidates={_write_bytes(w / 'c.txt', CANDS_NOT_UTF8)}"],
+        ["c.txt:2", "not utf-8"],
     ),
     "tokenizer larger than the embedding": (
         lambda t, w, s: [f"model={s}"],
