@@ -546,7 +546,9 @@ def _run(cfg: TrainConfig, run_dir: Path, given, mesh, rules, t_run) -> dict[str
 
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    latest = ckpt.latest_step()
+    latest, skipped = ckpt.newest_verified()  # damaged or unsealed newer ones set aside
+    for step, why in skipped:
+        _log(f"checkpoint step {step} skipped: {why}")
     latest_meta = _peek_meta(ckpt, latest)
     ctx = _Ctx(cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta)
     encode = lambda exs, src: encode_examples(
@@ -742,7 +744,7 @@ class _Ctx:
     stop: _StopFlag
     mesh: Any
     rules: dict
-    latest: int | None  # newest complete checkpoint step
+    latest: int | None  # newest verified checkpoint step
     latest_meta: dict | None  # and its meta (stage, step)
 
     @property
@@ -901,6 +903,7 @@ def _train_loop(
             meta = {"stage": stage, "step": step, "of": total, **guard.meta()}
             ckpt.save(offset + step, tree(state), meta, force=True)
             last_saved = offset + step
+        ckpt.seal_finished()  # an async save that finished since is sealed (resumable)
         if stopping and not final:
             ckpt.wait()
             raise Preempted(
@@ -950,7 +953,7 @@ def _sft(ctx: _Ctx, model, examples):
     start, resumed_meta = 0, None
     if latest_meta is not None and latest_meta.get("stage") == "sft":
         restored, resumed_meta = ckpt.restore(
-            None, target={"trainable": st.trainable, "opt": st.opt_state}
+            ctx.latest, target={"trainable": st.trainable, "opt": st.opt_state}
         )
         st = st._replace(trainable=restored["trainable"], opt_state=restored["opt"])
         start = int(resumed_meta["step"])
