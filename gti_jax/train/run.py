@@ -1008,6 +1008,7 @@ def _evaluate(
     if not examples:  # no data.eval, or eval.max_examples=0
         return results
     results["num_eval"] = len(examples)
+    _log(f"evaluating {len(examples)} examples: loss, greedy decoding, constrained beam search")
     ct = cfg.data.chat_template
     end = end_of_turn_id(tokenizer, chat_template=ct)
 

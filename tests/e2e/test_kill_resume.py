@@ -230,8 +230,7 @@ def test_killed_run_resumes_bitwise(task, reference, tmp_path):
 
     # 5. SIGKILL during evaluation (after fine-tuning finished, before results.json)
     run = start(True)
-    run.wait_for(lambda r: "stage sft done" in r.stderr(), what="the end of fine-tuning")
-    time.sleep(1.0)  # into the decoding
+    run.wait_for(lambda r: "] evaluating " in r.stderr(), what="the start of evaluation")
     assert run.signal(signal.SIGKILL) == -signal.SIGKILL
     assert not (run_dir / "results.json").exists()
     after_kill(run)
