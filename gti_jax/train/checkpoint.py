@@ -4,7 +4,7 @@
 holds two items: ``state`` (any pytree of jax arrays: parameters, optimizer state, ...) and
 ``meta`` (a JSON mapping: stage, data position, random key data, ...). Steps are global: they
 keep counting across stages (grounding, then fine-tuning), so one directory orders every
-checkpoint of a run and ``latest_step()`` is where to resume.
+checkpoint of a run.
 
 Checkpoints are written atomically: orbax writes ``<step>.orbax-checkpoint-tmp...`` and
 renames it to ``<step>`` only when every item is on disk (on buckets it writes a commit
@@ -356,6 +356,14 @@ class Checkpointer:
 
         Returns:
           ``(step, skipped)``: step is None when no checkpoint verifies and none is damaged.
+
+        Example:
+          >>> import tempfile, jax.numpy as jnp
+          >>> with Checkpointer(tempfile.mkdtemp(), async_save=False) as ckpt:
+          ...     ckpt.save(1, {"w": jnp.zeros(2)}, {"stage": "sft"})
+          ...     ckpt.newest_verified()
+          True
+          (1, [])
 
         Raises:
           NoVerifiedCheckpointError: some checkpoint is damaged and none verifies (nothing
