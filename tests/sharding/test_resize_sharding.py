@@ -3,6 +3,7 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
@@ -134,24 +135,30 @@ def test_never_gathers_the_table_onto_one_device(init):
     assert out["h"].addressable_shards[0].data.shape == (dim // 2, plan.new_num_rows // 4)
 
 
-@pytest.mark.parametrize("kind", ["replicate", "gather_rows", "bf16"])
+@pytest.mark.parametrize("kind", ["replicate", "gather_rows", "all_reduce"])
 def test_gather_check_catches_a_gathering_program(kind):
-    """Positive control: programs that do gather the table (by any collective, any dtype)
-    fail the check above."""
+    """Positive control: programs that do bring the table onto every device fail the check
+    above, whichever collective they use (an all-gather, or an all-reduce of zero-padded
+    shards, which a check for all-gathers alone would miss)."""
     mesh = _mesh((4, 2))
     rows, dim = 1024, 64
     e = _table(mesh, rows, dim, P("x", "y"), 0)
-    whole = NamedSharding(mesh, P())
-    by_rows = NamedSharding(mesh, P(None, "y"))  # every device gets all rows of its columns
+
+    def by_all_reduce(block):  # each device writes its block into zeros; the sum is the table
+        i, j = jax.lax.axis_index("x"), jax.lax.axis_index("y")
+        start = (i * block.shape[0], j * block.shape[1])
+        full = jax.lax.dynamic_update_slice(jnp.zeros((rows, dim), block.dtype), block, start)
+        return jax.lax.psum(full, ("x", "y"))
 
     def gathering(x):
-        if kind == "bf16":
-            x = x.astype(jax.numpy.bfloat16)
-        x = jax.lax.with_sharding_constraint(x, whole if kind != "gather_rows" else by_rows)
-        new = jax.numpy.tile(x.mean(0, keepdims=True), (4, 1))  # 4 rows: divides the shards
-        return jax.numpy.concatenate([x, new], 0).astype(jax.numpy.float32)
+        if kind == "all_reduce":
+            x = jax.shard_map(by_all_reduce, mesh=mesh, in_specs=P("x", "y"), out_specs=P())(x)
+        else:
+            spec = P() if kind == "replicate" else P(None, "y")  # all rows on every device
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        new = jnp.tile(x.mean(0, keepdims=True), (4, 1))  # 4 rows: divides the shards
+        return jnp.concatenate([x, new], 0)
 
-    fn = jax.jit(gathering, out_shardings=e.sharding)
-    hlo = fn.lower(e).compile().as_text()
+    hlo = jax.jit(gathering, out_shardings=e.sharding).lower(e).compile().as_text()
     with pytest.raises(AssertionError, match="collectives over"):
         _assert_no_gather(hlo, rows, dim, vocab_shards=4)
