@@ -4,9 +4,17 @@ The whole suite runs in one process with 8 fake CPU devices. XLA reads the flag 
 jax initializes its backend, so it is set here, before any test module imports jax. Unit
 tests still place arrays on one device (jax's default); sharding tests build meshes over all
 eight and fail (not skip) if they are missing.
+
+Compiled programs are cached on disk for the session (a fresh directory unless
+JAX_COMPILATION_CACHE_DIR is set), so the trainer subprocesses of the end-to-end tests,
+which restart the same run many times, compile each step once instead of once per start.
+A cached program is the same executable: results are unchanged, bit for bit.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -15,3 +23,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="gti_jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -4,13 +4,23 @@
 holds two items: ``state`` (any pytree of jax arrays: parameters, optimizer state, ...) and
 ``meta`` (a JSON mapping: stage, data position, random key data, ...). Steps are global: they
 keep counting across stages (grounding, then fine-tuning), so one directory orders every
-checkpoint of a run and ``latest_step()`` is where to resume.
+checkpoint of a run.
 
 Checkpoints are written atomically: orbax writes ``<step>.orbax-checkpoint-tmp...`` and
 renames it to ``<step>`` only when every item is on disk (on buckets it writes a commit
 marker instead). Only complete checkpoints are listed or restored; temporary directories
 left by an interrupted save are ignored and removed when a :class:`Checkpointer` opens the
 directory.
+
+Every checkpoint is sealed by a checksum manifest (``gti_checksums.json`` in the step
+directory: the size and SHA-256 of every file orbax wrote), written atomically once orbax has
+finished the save (after the next save starts, on :meth:`Checkpointer.wait`,
+:meth:`Checkpointer.seal_finished` or :meth:`Checkpointer.close`). :meth:`Checkpointer.verify`
+checks one step (manifest present, every file with its size and hash, orbax restores its
+meta and reads its state's metadata); :meth:`Checkpointer.newest_verified` is where a run
+resumes: the newest step that verifies. Newer steps that do not verify (a truncated or
+bit-flipped array file, a missing metadata file, a save killed before it was sealed) are
+reported and moved aside to ``<step>.unverified`` so that the resumed run can write its own.
 
 Restoring takes a target pytree whose leaves carry shardings, and places every array
 directly onto them, so a checkpoint written on one mesh restores onto another (e.g. saved
@@ -32,9 +42,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,11 +57,13 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from gti_jax.errors import BadInput
 from gti_jax.io.atomic import umask
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "NoVerifiedCheckpointError",
     "RowsFileNotFoundError",
     "load_rows",
     "save_rows",
@@ -60,12 +74,22 @@ _META = "meta"
 # Written by orbax into every checkpoint before it is finalized; a step directory without it
 # (made by hand, or by another tool) is not taken as a checkpoint.
 _COMPLETE_MARKER = "_CHECKPOINT_METADATA"
+# The checksum manifest that seals a finished save; a step without it is not resumed from.
+_CHECKSUMS = "gti_checksums.json"
+_CHECKSUMS_FORMAT = "gti_jax.checkpoint-checksums/1"
+_SET_ASIDE_SUFFIX = ".unverified"
 _ROWS_KEY = "rows"
 _ROWS_FORMAT = "gti_jax.rows/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be written or restored as asked (one line naming the fix)."""
+
+
+class NoVerifiedCheckpointError(CheckpointError, BadInput):
+    """Checkpoints exist but none verifies (one line naming the checkpoint directory).
+
+    Bad input: the run cannot resume from what it was given, and nothing is written."""
 
 
 class RowsFileNotFoundError(FileNotFoundError):
@@ -98,6 +122,37 @@ def _abstract_leaf(path: tuple[Any, ...], leaf: Any) -> jax.ShapeDtypeStruct:
         f"restore target leaf {_path_str(path)} is a {type(leaf).__name__}; give a jax.Array "
         "or a jax.ShapeDtypeStruct with a sharding"
     )
+
+
+def _sha256(path: epath.Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(root: epath.Path) -> list[epath.Path]:
+    """Every regular file below `root` (recursively), sorted, except the manifest itself."""
+    if _is_local(root):
+        found = [epath.Path(d) / n for d, _, names in os.walk(os.fspath(root)) for n in names]
+    else:  # a bucket
+        found = [p for p in root.glob("**/*") if p.is_file()]
+    manifest = os.fspath(root / _CHECKSUMS)
+    return sorted((p for p in found if os.fspath(p) != manifest), key=os.fspath)
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def _checksums(step_dir: epath.Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` for every file of a step."""
+    root = os.fspath(step_dir)
+    return {
+        os.path.relpath(os.fspath(p), root): {"size": p.stat().length, "sha256": _sha256(p)}
+        for p in _files_under(step_dir)
+    }
 
 
 def _local_or_remote(directory: str | os.PathLike[str]) -> epath.Path:
@@ -134,6 +189,8 @@ class Checkpointer:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise CheckpointError(f"keep must be an int >= 1, got {keep!r}")
         self._dir = _local_or_remote(directory)
+        self._unsealed: list[int] = []  # saved by this process, not yet sealed
+        self._seal_lock = threading.Lock()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=bool(async_save),
@@ -211,7 +268,8 @@ class Checkpointer:
         known = self._manager.all_steps()  # includes a save still in flight
         if known and step <= max(known):
             return False
-        return bool(
+        self.wait()  # orbax waits for the previous save anyway; seal it first
+        saved = bool(
             self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -220,6 +278,144 @@ class Checkpointer:
                 force=force,
             )
         )
+        if saved:
+            self._unsealed.append(step)
+            if not self._manager.is_saving_in_progress():  # a synchronous save: seal it now
+                self._seal()
+        return saved
+
+    def _seal(self) -> None:
+        """Writes the checksum manifest of every finished save of this process not yet sealed.
+
+        Process 0 writes (the directory is shared); a step orbax already deleted (``keep``)
+        is dropped. The manifest is written to a temporary name and renamed into place.
+        """
+        with self._seal_lock:
+            pending, self._unsealed = self._unsealed, []
+            if jax.process_index() != 0:
+                return
+            for step in pending:
+                step_dir = self._dir / str(step)
+                if not self._is_complete(step):
+                    continue
+                try:
+                    files = _checksums(step_dir)
+                except FileNotFoundError:  # removed by orbax's garbage collection meanwhile
+                    continue
+                body = {"format": _CHECKSUMS_FORMAT, "step": step, "files": files}
+                tmp = step_dir / f".{_CHECKSUMS}.tmp"
+                tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
+                tmp.rename(step_dir / _CHECKSUMS)
+
+    def seal_finished(self) -> None:
+        """Seals the saves that have finished, without waiting for one still in flight."""
+        if self._unsealed and not self._manager.is_saving_in_progress():
+            self._seal()
+
+    def verify(self, step: int) -> str | None:
+        """Why checkpoint `step` cannot be trusted, or None when it verifies.
+
+        It verifies when orbax finalized it, its checksum manifest exists, every file the
+        manifest lists has the recorded size and SHA-256, orbax restores its meta and reads
+        its state's metadata (tree, shapes, dtypes). The arrays are restored, onto the
+        caller's shardings, by :meth:`restore`.
+        """
+        step_dir = self._dir / str(step)
+        if not self._is_complete(step):
+            return f"orbax's {_COMPLETE_MARKER} file is missing (an unfinished save)"
+        try:
+            manifest = json.loads((step_dir / _CHECKSUMS).read_text())
+        except FileNotFoundError:
+            return f"no checksum manifest {_CHECKSUMS} (the save was not sealed)"
+        except (OSError, ValueError) as e:
+            return f"unreadable checksum manifest {_CHECKSUMS}: {e}"
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if manifest.get("format") != _CHECKSUMS_FORMAT or not isinstance(files, dict):
+            return f"checksum manifest {_CHECKSUMS} is not in format {_CHECKSUMS_FORMAT}"
+        for rel, want in sorted(files.items()):
+            path = step_dir / rel
+            try:
+                size = path.stat().length
+                if size != want["size"]:
+                    return f"{rel} has {size} bytes, {want['size']} were saved"
+                if _sha256(path) != want["sha256"]:
+                    return f"{rel} does not match its saved SHA-256"
+            except FileNotFoundError:
+                return f"{rel} is missing"
+        try:
+            self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+            self._manager.item_metadata(step)[_STATE]
+        except Exception as e:  # noqa: BLE001 (any orbax failure means: do not resume here)
+            return f"orbax cannot read it: {' '.join(str(e).split())[:200]}"
+        return None
+
+    def newest_verified(self) -> tuple[int | None, list[tuple[int, str]]]:
+        """The newest checkpoint that verifies, and the newer ones that do not.
+
+        Candidates are the step directories orbax finalized or a manifest sealed (a
+        directory with neither, e.g. made by hand, is not a checkpoint). Every candidate
+        newer than the one returned is reported with the reason, newest first, and moved
+        aside to ``<step>.unverified`` (so the resumed run can save those steps again;
+        nothing is deleted). A save that was never sealed (the run was killed before)
+        counts as unfinished, not as damage: with nothing else, the run starts afresh.
+
+        Returns:
+          ``(step, skipped)``: step is None when no checkpoint verifies and none is damaged.
+
+        Example:
+          >>> import tempfile, jax.numpy as jnp
+          >>> with Checkpointer(tempfile.mkdtemp(), async_save=False) as ckpt:
+          ...     ckpt.save(1, {"w": jnp.zeros(2)}, {"stage": "sft"})
+          ...     ckpt.newest_verified()
+          True
+          (1, [])
+
+        Raises:
+          NoVerifiedCheckpointError: some checkpoint is damaged and none verifies (nothing
+            is moved).
+        """
+        self.wait()
+        steps = sorted(
+            (
+                int(p.name)
+                for p in self._dir.iterdir()
+                if p.name.isdigit()
+                and ((p / _COMPLETE_MARKER).exists() or (p / _CHECKSUMS).exists())
+            ),
+            reverse=True,
+        )
+        found, skipped = None, []
+        for step in steps:
+            why = self.verify(step)
+            if why is None:
+                found = step
+                break
+            skipped.append((step, why))
+        damaged = [(s, w) for s, w in skipped if (self._dir / str(s) / _CHECKSUMS).exists()]
+        if found is None and damaged:
+            reasons = "; ".join(f"step {s}: {w}" for s, w in damaged[:3])
+            raise NoVerifiedCheckpointError(
+                f"no checkpoint in {self.directory} verifies ({reasons}); move the "
+                "directory away to start over, or restore it from a copy"
+            )
+        if skipped:
+            if jax.process_index() == 0:
+                for bad, _ in skipped:
+                    self._set_aside(bad)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("gti_jax.checkpoint: set aside")
+            self._manager.reload()
+        return found, skipped
+
+    def _set_aside(self, step: int) -> None:
+        target = self._dir / f"{step}{_SET_ASIDE_SUFFIX}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self._dir / f"{step}{_SET_ASIDE_SUFFIX}-{n}"
+        (self._dir / str(step)).rename(target)
 
     def _check_target(self, step: int, abstract: Any) -> None:
         """Raises one line listing every path or shape where `abstract` and the checkpoint
@@ -317,11 +513,14 @@ class Checkpointer:
         return dict(restored[_META] or {})
 
     def wait(self) -> None:
-        """Blocks until every save started by this process is complete on disk."""
+        """Blocks until every save started by this process is complete on disk and sealed."""
         self._manager.wait_until_finished()
+        if self._unsealed:
+            self._seal()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager's threads."""
+        """Waits for pending saves, seals them and releases the manager's threads."""
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

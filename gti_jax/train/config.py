@@ -1014,7 +1014,7 @@ def config_help() -> str:
       Multi-line text, one section per config group.
 
     Example:
-      >>> "sft.steps (int, default 200)" in config_help()
+      >>> "sft.steps (int, default 120)" in config_help()
       True
     """
     lines = [

@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from gti_jax.errors import BadInput, GtiError, RunFailed
+from gti_jax.train.checkpoint import NoVerifiedCheckpointError
 from gti_jax.train.config import TrainConfig, config_to_dict, save_config
 from gti_jax.train.runlog import Progress, RunLog, atomic_write_json, atomic_write_text
 
@@ -493,8 +494,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         return _run(
             cfg, run_dir, where, model, tokenizer, load_seconds, given, inputs, mesh, rules, t_run
         )
-    except (Preempted, NonFiniteError):
-        raise
+    except (Preempted, NonFiniteError, NoVerifiedCheckpointError):
+        raise  # said in one line already; nothing to add to error.log
     except Exception as e:  # noqa: BLE001 - any failure: keep everything, say where to look
         raise _stage_failed(run_dir, where.stage, e) from e
 
@@ -739,7 +740,9 @@ def _run(
 
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
     ckpt = Checkpointer(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    latest = ckpt.latest_step()
+    latest, skipped = ckpt.newest_verified()  # damaged or unsealed newer ones set aside
+    for step, why in skipped:
+        _log(f"checkpoint step {step} skipped: {why}")
     latest_meta = _peek_meta(ckpt, latest)
     ctx = _Ctx(cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta, inputs.evaluator)
 
@@ -767,6 +770,9 @@ def _run(
     # On several processes, every process gathers the model (a collective) and process 0
     # evaluates and exports it alone, on its own devices.
     host_model = _host_model(model)
+    n_eval = len(inputs.evaluator.examples)
+    if writer and n_eval:
+        _log(f"evaluating {n_eval} examples: loss, greedy decoding, constrained beam search")
     results, ranks = inputs.evaluator(host_model) if writer else ({}, [])
     if writer and ranks:  # per-example ranks: paired tests between runs on the same users
         atomic_write_json(
@@ -931,7 +937,7 @@ class _Ctx:
     stop: _StopFlag
     mesh: Any
     rules: dict
-    latest: int | None  # newest complete checkpoint step
+    latest: int | None  # newest verified checkpoint step
     latest_meta: dict | None  # and its meta (stage, step)
     evaluator: Any = None  # the run's Evaluator (for eval.curve_every)
 
@@ -1112,6 +1118,7 @@ def _train_loop(
             }
             ckpt.save(offset + step, tree(state), meta, force=True)
             last_saved = offset + step
+        ckpt.seal_finished()  # an async save that finished since is sealed (resumable)
         if stopping and not final:
             ckpt.wait()
             raise Preempted(
@@ -1219,7 +1226,7 @@ def _sft(ctx: _Ctx, model, examples, units=None):
     start, resumed_meta = 0, None
     if latest_meta is not None and latest_meta.get("stage") == "sft":
         restored, resumed_meta = ckpt.restore(
-            None, target={"trainable": st.trainable, "opt": st.opt_state}
+            ctx.latest, target={"trainable": st.trainable, "opt": st.opt_state}
         )
         st = st._replace(trainable=restored["trainable"], opt_state=restored["opt"])
         start = int(resumed_meta["step"])

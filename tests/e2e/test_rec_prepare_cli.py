@@ -92,3 +92,28 @@ def test_cli_bad_input_is_one_line(tmp_path):
     ]
     proc = _run("rec.embeddings=backbone")
     assert proc.returncode == 2 and "--out DIR is required" in proc.stderr
+
+
+def test_cli_with_rq_vae_semantic_ids(tmp_path):
+    """rec.semantic_ids=rq_vae inside prepare (the other tests use rq_kmeans): every item
+    still gets a distinct id, and the stats say which method made them."""
+    ds = rd.filter_dataset(rd.load_movielens_100k(), min_user_interactions=5)
+    emb = tmp_path / "emb.npy"
+    np.save(emb, np.random.default_rng(1).normal(size=(ds.num_items, 16)).astype(np.float32))
+    out = tmp_path / "ml"
+    proc = _run(
+        f"rec.embeddings={emb}",
+        "rec.semantic_ids=rq_vae",
+        "rec.rqvae_steps=30",
+        "rec.levels=2",
+        "rec.codebook_size=16",
+        "rec.max_train_examples=50",
+        "rec.max_eval_users=20",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sem = json.loads((out / "prepare_stats.json").read_text())["semantic_ids"]
+    assert sem["method"] == "rq_vae"
+    assert sem["unique_ids"] == ds.num_items and len(sem["codebook_usage"]) >= 2
+    assert any((out / "semantic_ids").iterdir())  # the semantic-id directory was written

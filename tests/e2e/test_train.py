@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,37 @@ _sha = sha256
 _results = results_without_timing
 
 
+def _capture_export(monkeypatch) -> dict:
+    """Records the model the trainer hands to the export (its final in-memory model)."""
+    import gti_jax.models as models
+
+    seen = {}
+    real = models.export_hf_dir
+
+    def export(model, *args, **kwargs):
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "export_hf_dir", export)
+    return seen
+
+
+def _assert_export_logits_match(jax_model, export_dir):
+    """The exported directory, loaded by transformers, computes the trainer's own logits
+    (new tokens included) on a few sequences."""
+    info = json.loads((export_dir.parent / "new_tokens.json").read_text())
+    lo, hi = info["new_ids"]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, hi, size=(3, 12)).astype(np.int32)
+    ids[:, ::3] = rng.integers(lo, hi, size=(3, 4))  # new tokens at every third position
+    want = np.asarray(jax_model(ids))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=torch.float32)
+    with torch.no_grad():
+        got = hf(torch.from_numpy(ids).long()).logits.numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def full_run(task, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
@@ -57,9 +89,9 @@ def test_full_run_writes_every_artifact(full_run, task):
         assert key in r and np.isfinite(r[key])
     assert r["valid_rate"] == 1.0  # constrained decoding only returns candidates
     stages = json.loads((full_run / "stages.json").read_text())
-    assert [
-        s for s in ("load", "extend", "ground", "sft", "evaluate", "export") if stages[s]["done"]
-    ]
+    assert all(
+        stages[s]["done"] for s in ("load", "extend", "ground", "sft", "evaluate", "export")
+    ), stages
     diag = json.loads((full_run / "diagnostics.json").read_text())
     assert set(diag) >= {"init", "ground", "sft"}
     assert diag["init"]["effective_rank"] < 1.05  # mean init: one point
@@ -85,9 +117,54 @@ def test_full_run_writes_every_artifact(full_run, task):
     )
 
 
-def test_grounding_changes_only_new_rows(full_run, task):
-    """Old rows of the exported embedding and head equal the base model's old rows."""
+def test_retrieval_metrics_equal_an_independent_ranking(full_run, task):
+    """Recall@K, NDCG@K and the valid rate in results.json equal those of a ranking made
+    here from the exported model's own scores (transformers, float64 log-softmax).
+
+    Every candidate is one new token followed by the end of the turn, and eval.beams equals
+    the number of candidates, so constrained beam search must rank all six by
+    log p(token | prompt) + log p(end | prompt, token) (no length penalty; rows past the
+    tokenizer's size excluded).
+    """
+    from gti_jax.train.data import encode_prompt, end_of_turn_id
+
+    export = full_run / "export"
+    tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32)
+    num_tokens = json.loads((full_run / "new_tokens.json").read_text())["num_tokens"]
+    end = end_of_turn_id(tok)
+    cands = (task["root"] / "cands.txt").read_text().split()
+    cand_ids = [tok.convert_tokens_to_ids(c) for c in cands]
+    examples = [json.loads(x) for x in (task["root"] / "eval.jsonl").read_text().splitlines()]
+    ranks = []
+    for ex in examples:
+        prompt = [int(i) for i in encode_prompt(tok, ex["prompt"])]
+        seqs = torch.tensor([[*prompt, c] for c in cand_ids])
+        with torch.no_grad():
+            logits = hf(seqs).logits[:, -2:, :num_tokens].double()
+        lp = torch.log_softmax(logits, dim=-1).numpy()
+        scores = np.array([lp[i, 0, c] + lp[i, 1, end] for i, c in enumerate(cand_ids)])
+        target = scores[cands.index(ex["completion"])]
+        others = np.delete(scores, cands.index(ex["completion"]))
+        # no near-tie around the target, so float32 kernels cannot swap its rank
+        assert np.abs(others - target).min() > 1e-4, scores
+        ranks.append(int((others > target).sum()))
+    r = json.loads((full_run / "results.json").read_text())
+    assert r["num_eval"] == len(examples)
+    for k in (1, 3):
+        recall = np.mean([rank < k for rank in ranks])
+        ndcg = np.mean([1 / np.log2(rank + 2) if rank < k else 0.0 for rank in ranks])
+        assert r[f"recall@{k}"] == pytest.approx(recall, abs=1e-12), (k, ranks)
+        assert r[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-12), (k, ranks)
+    assert r["valid_rate"] == 1.0  # all six hypotheses of each prompt are candidates
+
+
+def test_grounding_changes_only_new_rows(full_run, task, monkeypatch):
+    """Old rows of the exported embedding and head equal the base model's old rows, and the
+    export reloaded in transformers gives the grounded model's logits."""
     from gti_jax.io.safetensors import load_dir_tensors
+
+    seen = _capture_export(monkeypatch)
 
     # a grounding-only run: nothing else may change
     base = load_dir_tensors(task["model"])
@@ -106,6 +183,7 @@ def test_grounding_changes_only_new_rows(full_run, task):
             )
         else:
             np.testing.assert_array_equal(got, arr)
+    _assert_export_logits_match(seen["model"], out_dir / "export")
 
 
 @pytest.mark.parametrize("stops", [[3], [9], [2, 8]])
@@ -153,8 +231,16 @@ def test_sigterm_saves_checkpoint_and_resumes(task, full_run, tmp_path):
     _, err = p.communicate(timeout=240)
     assert p.returncode == 75, err[-2000:]
     assert "re-run the same command to resume" in err
+    m = re.search(r"stopped during grounding after step (\d+)/400", err)
+    assert m, err[-2000:]
+    stopped = int(m.group(1))
     steps = [int(d.name) for d in (run_dir / "checkpoints").iterdir() if d.name.isdigit()]
-    assert steps and max(steps) < 400
+    assert max(steps) == stopped < 400  # the checkpoint of the step it stopped after
+    # the same command resumes from that checkpoint and finishes
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed grounding at step {stopped}/400" in r.stderr, r.stderr[-3000:]
+    assert (run_dir / "results.json").is_file() and (run_dir / "export").is_dir()
 
 
 def test_bad_config_one_line(capsys, tmp_path):
@@ -190,8 +276,9 @@ def test_help_lists_keys(capsys):
         assert key in out
 
 
-def test_lora_run_exports_merged_model(task, tmp_path):
+def test_lora_run_exports_merged_model(task, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
+    seen = _capture_export(monkeypatch)
     cfg = load_config(
         None,
         task["args"]
@@ -207,3 +294,4 @@ def test_lora_run_exports_merged_model(task, tmp_path):
     new = load_dir_tensors(run_dir / "export")
     changed = [n for n in base if "q_proj.weight" in n and not np.array_equal(new[n], base[n])]
     assert changed  # LoRA updates were merged into the kernels
+    _assert_export_logits_match(seen["model"], run_dir / "export")

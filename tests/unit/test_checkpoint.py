@@ -1,6 +1,7 @@
 """Orbax checkpoints (round trip, pruning, async, interrupted saves) and the rows artifact."""
 
 import os
+import re
 import shutil
 
 import jax
@@ -13,6 +14,7 @@ from safetensors.numpy import save_file
 from gti_jax.train.checkpoint import (
     Checkpointer,
     CheckpointError,
+    NoVerifiedCheckpointError,
     RowsFileNotFoundError,
     load_rows,
     save_rows,
@@ -197,3 +199,90 @@ def test_rows_errors(tmp_path):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_rows(junk)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification: a damaged newest checkpoint is skipped, with the reason.
+# --------------------------------------------------------------------------------------------
+
+
+def _array_file(step_dir):
+    """The largest file of the state item (an array chunk)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+    p = _array_file(step_dir)
+    p.write_bytes(p.read_bytes()[:-7])
+
+
+def _flip_bit(step_dir):
+    p = _array_file(step_dir)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    p.write_bytes(bytes(data))
+
+
+def _drop_metadata(step_dir):
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+def _save_three(directory, async_save):
+    with Checkpointer(directory, keep=5, async_save=async_save) as ckpt:
+        for step in (2, 4, 6):
+            ckpt.save(step, {"w": jnp.full((64,), float(step))}, {"step": step})
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (_truncate, r"has \d+ bytes, \d+ were saved"),
+        (_flip_bit, "does not match its saved SHA-256"),
+        (_drop_metadata, "state/_METADATA is missing"),
+    ],
+)
+@pytest.mark.parametrize("async_save", [False, True])
+def test_damaged_newest_checkpoint_is_skipped(tmp_path, damage, why, async_save):
+    _save_three(tmp_path, async_save)
+    with Checkpointer(tmp_path, keep=5) as ckpt:
+        assert [ckpt.verify(s) for s in (2, 4, 6)] == [None, None, None]
+    damage(tmp_path / "6")
+    with Checkpointer(tmp_path, keep=5) as ckpt:
+        step, skipped = ckpt.newest_verified()
+        assert step == 4 and [s for s, _ in skipped] == [6]
+        assert re.search(why, skipped[0][1]), skipped
+        # set aside (kept, not deleted), so the resumed run can save step 6 again
+        assert ckpt.all_steps() == [2, 4] and (tmp_path / "6.unverified").is_dir()
+        restored, meta = ckpt.restore(step, target={"w": jnp.zeros(64)})
+        assert meta == {"step": 4} and np.all(np.asarray(restored["w"]) == 4.0)
+        assert ckpt.save(6, {"w": jnp.full((64,), 60.0)}, {"step": 6})
+        ckpt.wait()
+        assert ckpt.verify(6) is None
+
+
+def test_no_checkpoint_verifies_names_the_directory(tmp_path):
+    _save_three(tmp_path, False)
+    for step in (2, 4, 6):
+        _flip_bit(tmp_path / str(step))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(NoVerifiedCheckpointError) as e:
+            ckpt.newest_verified()
+    msg = str(e.value)
+    assert "\n" not in msg and f"no checkpoint in {tmp_path} verifies" in msg, msg
+    assert sorted(os.listdir(tmp_path)) == ["2", "4", "6"]  # nothing moved
+
+
+def test_unsealed_save_is_unfinished_not_damaged(tmp_path):
+    """A save whose manifest was never written (killed before sealing) is skipped; alone, it
+    does not stop a fresh start."""
+    _save_three(tmp_path, False)
+    (tmp_path / "6" / "gti_checksums.json").unlink()
+    with Checkpointer(tmp_path) as ckpt:
+        step, skipped = ckpt.newest_verified()
+    assert step == 4 and skipped[0][0] == 6 and "not sealed" in skipped[0][1]
+    for step in (2, 4):
+        (tmp_path / str(step) / "gti_checksums.json").unlink()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.newest_verified()[0] is None
+        assert ckpt.all_steps() == []

@@ -1,7 +1,7 @@
 """Tests for gti_jax.models.gguf: the real SmolLM2-135M GGUF and tiny GGUF files written here.
 
-The real model is checked end to end with a plain-numpy Llama forward pass written in this
-file (independent of gti_jax's NNX model): low perplexity on a factual sentence, " Paris"
+The real model is checked end to end with a plain-numpy Llama forward pass
+(`tests/helpers/numpy_llama.py`, independent of gti_jax's NNX model): low perplexity on a factual sentence, " Paris"
 after "The capital of France is", and a much worse perplexity if Q/K rows are left in
 llama.cpp's order.
 """
@@ -15,6 +15,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from gti_jax.models import gguf as gg
+from tests.helpers.numpy_llama import forward as _forward
+from tests.helpers.numpy_llama import perplexity as _perplexity
 
 SENTENCE = (
     "The capital of France is Paris. The capital of Germany is Berlin. "
@@ -31,51 +33,6 @@ def smollm():
 
 
 # --------------------------------------------------------------------------- numpy Llama
-
-
-def _rms(x, w, eps):
-    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
-
-
-def _forward(cfg, w, ids, last_only=False):
-    """Llama logits [T, V] (or [1, V]): RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied head."""
-    t, dh, eps = len(ids), cfg["head_dim"], cfg["rms_norm_eps"]
-    h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    inv = cfg["rope_theta"] ** (-np.arange(0, dh, 2) / dh)
-    ang = np.arange(t)[:, None] * inv[None]
-    cos = np.cos(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None]
-    sin = np.sin(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None]
-
-    def rope(x):
-        return x * cos + np.concatenate([-x[..., dh // 2 :], x[..., : dh // 2]], -1) * sin
-
-    mask = np.triu(np.full((t, t), -np.inf, np.float32), 1)
-    x = w["model.embed_tokens.weight"][ids]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        a = _rms(x, w[p + "input_layernorm.weight"], eps)
-        q = rope((a @ w[p + "self_attn.q_proj.weight"].T).reshape(t, h, dh))
-        k = rope((a @ w[p + "self_attn.k_proj.weight"].T).reshape(t, kv, dh))
-        v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(t, kv, dh)
-        k, v = np.repeat(k, h // kv, 1), np.repeat(v, h // kv, 1)
-        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(dh) + mask
-        s = np.exp(s - s.max(-1, keepdims=True))
-        s /= s.sum(-1, keepdims=True)
-        o = np.einsum("hqk,khd->qhd", s, v).reshape(t, h * dh)
-        x = x + o @ w[p + "self_attn.o_proj.weight"].T
-        a = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
-        g = a @ w[p + "mlp.gate_proj.weight"].T
-        up = a @ w[p + "mlp.up_proj.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * up) @ w[p + "mlp.down_proj.weight"].T
-    x = _rms(x[-1:] if last_only else x, w["model.norm.weight"], eps)
-    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
-
-
-def _perplexity(cfg, w, ids):
-    logits = _forward(cfg, w, ids)[:-1].astype(np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
 def _permute(w, n):
