@@ -84,6 +84,8 @@ def plot(curves: dict[str, list[dict]], k: int, out: Path) -> None:
     axes[1].set(xlabel="training CPU minutes", ylabel=f"Recall@{k}")
     axes[2].set(xlabel="training CPU minutes", ylabel=f"NDCG@{k}")
     for ax in axes:
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Learning curves on all test users (dashed: popularity on the same users)")
