@@ -388,7 +388,6 @@ def test_run_dir_turning_read_only_mid_run(task, tmp_path, capsys, monkeypatch):
     """The run directory becomes read-only (EROFS, which binds root too) when evaluation
     starts: every write under it fails, error.log included. One line still says what
     failed and that no traceback could be written; the re-run completes."""
-    import gti_jax.train.run as run_mod
 
     run_dir = tmp_path / "run"
     argv = _args(task, run_dir, "export.hf=false")
@@ -409,15 +408,17 @@ def test_run_dir_turning_read_only_mid_run(task, tmp_path, capsys, monkeypatch):
             refuse(file)
         return real_open(file, mode, *a, **k)
 
-    real_evaluate = run_mod._evaluate
+    from gti_jax.train.evaluate import Evaluator
 
-    def evaluate(*a, **k):
+    real_evaluate = Evaluator.__call__
+
+    def evaluate(*a, **k):  # the run directory turns read-only as evaluation starts
         read_only["on"] = True
         return real_evaluate(*a, **k)
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(run_mod, "_evaluate", evaluate)
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
     rc, err = _main(argv, capsys)
     monkeypatch.undo()
     assert rc == 1, err[-3000:]
