@@ -392,26 +392,14 @@ def config_contradictions(config: LlamaConfig, tensors: Mapping[str, Any]) -> li
             f"intermediate_size={config.intermediate_size} but "
             f"model.layers.0.mlp.gate_proj.weight has {gate.shape[0]} rows"
         )
-    q = tensors.get("model.layers.0.self_attn.q_proj.weight")
-    if (
-        q is not None
-        and config.head_dim
-        and q.shape[0] != config.num_attention_heads * config.head_dim
-    ):
-        out.append(
-            f"num_attention_heads x head_dim = {config.num_attention_heads} x {config.head_dim} "
-            f"but model.layers.0.self_attn.q_proj.weight has {q.shape[0]} rows"
-        )
-    k = tensors.get("model.layers.0.self_attn.k_proj.weight")
-    if (
-        k is not None
-        and config.head_dim
-        and k.shape[0] != config.num_key_value_heads * config.head_dim
-    ):
-        out.append(
-            f"num_key_value_heads x head_dim = {config.num_key_value_heads} x {config.head_dim} "
-            f"but model.layers.0.self_attn.k_proj.weight has {k.shape[0]} rows"
-        )
+    for proj, heads_key in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
+        w = tensors.get(f"model.layers.0.self_attn.{proj}.weight")
+        heads = getattr(config, heads_key)
+        if w is not None and config.head_dim and w.shape[0] != heads * config.head_dim:
+            out.append(
+                f"{heads_key} x head_dim = {heads} x {config.head_dim} "
+                f"but model.layers.0.self_attn.{proj}.weight has {w.shape[0]} rows"
+            )
     return out
 
 
