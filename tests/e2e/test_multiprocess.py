@@ -111,10 +111,22 @@ def test_two_processes_match_one(two_process_run, one_process_run):
     # the same evaluation (process 0 evaluates the gathered model)
     res_a, res_b = results_without_timing(two), results_without_timing(one)
     assert set(res_a) == set(res_b) and res_a["num_eval"] == 3
-    for k in res_a:
-        np.testing.assert_allclose(res_a[k], res_b[k], rtol=1e-5, err_msg=k)
+    _assert_results_close(res_a, res_b)
     # nothing but the run's own files (no per-process duplicates, no temporaries)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def _assert_results_close(a: dict, b: dict, path: str = "") -> None:
+    """Numbers within rtol 1e-5, everything else (text, nested baselines) equal, key by key."""
+    assert set(a) == set(b), path
+    for k in a:
+        where = f"{path}{k}"
+        if isinstance(a[k], dict):
+            _assert_results_close(a[k], b[k], where + ".")
+        elif isinstance(a[k], (int, float)) and not isinstance(a[k], bool):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=where)
+        else:
+            assert a[k] == b[k], where
 
 
 def _raw_state(step_dir: Path):
