@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gti_jax.io.atomic import temp_dir_beside
+from gti_jax.io.atomic import atomic_dir
 
 __all__ = [
     "SemanticIds",
@@ -919,9 +918,7 @@ def save_semantic_ids(path_dir: str | os.PathLike, sids: SemanticIds) -> Path:
     dest = Path(path_dir)
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{dest} exists and is not a directory; choose a directory path.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(dest)
-    try:
+    with atomic_dir(dest) as tmp:
         np.save(tmp / "codes.npy", sids.codes, allow_pickle=False)
         for level, book in enumerate(sids.codebooks):
             np.save(tmp / f"codebook_{level}.npy", book, allow_pickle=False)
@@ -932,16 +929,6 @@ def save_semantic_ids(path_dir: str | os.PathLike, sids: SemanticIds) -> Path:
             "stats": _jsonable(sids.stats),
         }
         (tmp / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if dest.exists():
-            old = temp_dir_beside(dest, "old")
-            os.replace(dest, old / "d")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
