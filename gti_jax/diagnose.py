@@ -159,10 +159,6 @@ def _semantic_order(tokens: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    atomic_write(path, write, binary=True)
-
-
 def _jsonable(x: Any) -> Any:
     """Plain JSON types; non-finite floats become None so the file never holds NaN."""
     if isinstance(x, dict):
@@ -180,11 +176,11 @@ def _jsonable(x: Any) -> Any:
 
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n"
-    _atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), binary=True)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    _atomic_write_bytes(path, lambda f: np.save(f, arr, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), binary=True)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -332,6 +328,42 @@ def record_stage(
     """
     run = Path(run_dir)
     _check_stage(stage)
+    t, new, old, code = _check_stage_inputs(table, new_ids, old_ids, codebook_vectors)
+    tokens, order = _tokens_and_order(run, new, tokens, token_order, decode)
+
+    out = diagnostics.summarize(
+        t,
+        new,
+        old_sample=_OLD_SAMPLE,
+        decode=decode,
+        rsa_sample=_RSA_SAMPLE,
+        old_ids=old,
+    )
+    e_new = t[new].astype(np.float64)
+    if code is not None:
+        out.update(_rsa_part(code, e_new))
+    if decode is not None:
+        for item in out["nearest"]:
+            item["text"] = str(decode(item["id"]))
+    out["plots"] = _save_plot_arrays(run, stage, t, old, new, order, tokens)
+    out = _jsonable(out)
+
+    data = read_diagnostics(run)
+    data[stage] = out
+    _write_json(run / DIAGNOSTICS_FILE, data)
+    if draw:
+        _draw_spectra(run, data)
+        _draw_stage(run, stage, out)
+    return out
+
+
+def _check_stage_inputs(
+    table: Any,
+    new_ids: range | Sequence[int] | np.ndarray,
+    old_ids: Sequence[int] | np.ndarray | None,
+    codebook_vectors: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`record_stage`'s arrays, checked: the table, new ids, old ids, code vectors."""
     t = np.asarray(table)
     if t.ndim != 2:
         raise DiagnoseError(f"table must be a 2-D [V, D] matrix, got shape {t.shape}.")
@@ -353,6 +385,17 @@ def record_stage(
                 f"codebook_vectors must be [N={new.size}, C] aligned with new_ids, got shape "
                 f"{code.shape}; use token_codebook_vectors(sids, tokens)."
             )
+    return t, new, old, code
+
+
+def _tokens_and_order(
+    run: Path,
+    new: np.ndarray,
+    tokens: Sequence[str] | None,
+    token_order: Sequence[int] | Sequence[str] | None,
+    decode: Callable[[int], str] | None,
+) -> tuple[list[str] | None, np.ndarray]:
+    """The new tokens' strings (or None) and their semantic-ID plot order (see record_stage)."""
     info = _new_tokens_info(run)
     if tokens is None and isinstance(info.get("tokens"), list) and len(info["tokens"]) == new.size:
         tokens = [str(x) for x in info["tokens"]]
@@ -362,24 +405,22 @@ def record_stage(
         raise DiagnoseError(f"tokens has {len(tokens)} entries for {new.size} new ids.")
     if token_order is None and isinstance(info.get("token_order"), list):
         token_order = info["token_order"]
-    order = _plot_order(new, token_order, tokens)
+    return tokens, _plot_order(new, token_order, tokens)
 
-    out = diagnostics.summarize(
-        t,
-        new,
-        old_sample=_OLD_SAMPLE,
-        decode=decode,
-        rsa_sample=_RSA_SAMPLE,
-        old_ids=old,
-    )
-    e_new = t[new].astype(np.float64)
-    if code is not None:
-        out.update(_rsa_part(code, e_new))
-    if decode is not None:
-        for item in out["nearest"]:
-            item["text"] = str(decode(item["id"]))
 
-    # Arrays to redraw the figures: old sample + first new ids, and ordered new-new.
+def _save_plot_arrays(
+    run: Path,
+    stage: str,
+    t: np.ndarray,
+    old: np.ndarray,
+    new: np.ndarray,
+    order: np.ndarray,
+    tokens: Sequence[str] | None,
+) -> dict[str, Any]:
+    """Saves the cosine matrices the figures need; returns the stage's ``plots`` entry.
+
+    The old sample plus the first new ids, and the new-new matrix in semantic-ID order.
+    """
     old_pick = old[_spread(old.size, _OLD_SAMPLE)]
     new_pick = new[:_NEW_SAMPLE]
     mixed = diagnostics.cosine_matrix(t[np.concatenate([old_pick, new_pick])])
@@ -389,7 +430,7 @@ def record_stage(
     arrays = run / ARRAYS_DIR
     _save_npy(arrays / f"cosine_{stage}.npy", mixed.astype(np.float32))
     _save_npy(arrays / f"new_cosine_{stage}.npy", new_cos.astype(np.float32))
-    out["plots"] = {
+    return {
         "cosine": {
             "file": f"{ARRAYS_DIR}/cosine_{stage}.npy",
             "old_ids": old_pick,
@@ -402,15 +443,6 @@ def record_stage(
             "labels": None if tokens is None else [tokens[p] for p in shown],
         },
     }
-    out = _jsonable(out)
-
-    data = read_diagnostics(run)
-    data[stage] = out
-    _write_json(run / DIAGNOSTICS_FILE, data)
-    if draw:
-        _draw_spectra(run, data)
-        _draw_stage(run, stage, out)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

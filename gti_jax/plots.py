@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from gti_jax.io.atomic import atomic_write
+
 __all__ = ["plot_cosine_heatmap", "plot_loss_curves", "plot_spectra"]
 
 # Floor for normalized singular values on the log axis (exact mean init gives ~1e-17).
@@ -37,8 +39,8 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, format="png")
-    return path
+    """Writes the PNG atomically (a temporary file renamed into place)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 def plot_spectra(
