@@ -54,7 +54,7 @@ def plot_spectra(
 
     Args:
       spectra: label (e.g. ``"mean init"``, ``"after GTI"``) -> singular values, largest first
-        (as from ``diagnostics.singular_values`` or ``summarize(...)["singular_values"]``).
+        (as from ``geometry.singular_values`` or ``summarize(...)["singular_values"]``).
       path: output ``.png``; parent folders are created.
       title: figure title.
 
@@ -107,7 +107,7 @@ def plot_cosine_heatmap(
     the code hierarchy shows as blocks.
 
     Args:
-      matrix: ``[N, M]`` cosines (e.g. ``diagnostics.cosine_matrix(rows)``).
+      matrix: ``[N, M]`` cosines (e.g. ``geometry.cosine_matrix(rows)``).
       path: output ``.png``; parent folders are created.
       split: draw lines after this many rows/columns (after reordering).
       labels: ``N`` tick labels (in the original order; shown when ``N <= 60``).

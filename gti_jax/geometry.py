@@ -1,7 +1,8 @@
-"""Diagnostics of new-token embeddings: collapse under mean init, structure after GTI.
+"""Geometry of new-token embeddings: collapse under mean init, structure after GTI.
 
 Pure functions over arrays (numpy or jax; everything is pulled to the host and computed in
-float64). They know nothing of files, models or NNX.
+float64). They know nothing of files, models or NNX; :mod:`gti_jax.diagnose` records them for
+a run (``diagnostics.json``, arrays, figures). (This module was ``gti_jax.diagnostics``.)
 
 The paper (arXiv 2604.02324) diagnoses the new-token matrix ``E_new`` ``[N, D]`` with:
 
