@@ -143,6 +143,10 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         ...     _ = (tmp / "a.txt").write_text("new")
         >>> (d / "a.txt").read_text()
         'new'
+        >>> with atomic_dir(d) as tmp:  # replaces the whole directory
+        ...     _ = (tmp / "b.txt").write_text("newer")
+        >>> sorted(p.name for p in d.parent.iterdir()), sorted(p.name for p in d.iterdir())
+        (['out'], ['b.txt'])
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
