@@ -343,7 +343,5 @@ def test_plots_reject_bad_input(tmp_path):
 
 
 def test_importing_the_modules_does_not_import_matplotlib():
-    code = (
-        "import sys, gti_jax.geometry, gti_jax.plots; sys.exit(int('matplotlib' in sys.modules))"
-    )
+    code = "import sys, gti_jax.geometry, gti_jax.plots; sys.exit(int('matplotlib' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
