@@ -46,6 +46,45 @@ def _freeze(x: Any) -> Any:
     return x
 
 
+def _rope_from_hf(d: Mapping[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """RoPE theta and scaling from a HF config dict (``rope_theta``/``rope_scaling`` of
+    transformers 4, ``rope_parameters`` of 5); raises ConfigError for what is not supported."""
+    partial = d.get("partial_rotary_factor")
+    rope_params = d.get("rope_parameters") or {}
+    if not isinstance(rope_params, Mapping):
+        raise ConfigError(f"config.json rope_parameters={rope_params!r} must be an object")
+    if rope_params and all(isinstance(v, Mapping) for v in rope_params.values()):
+        raise ConfigError("config.json rope_parameters per layer type is not supported")
+    partial = rope_params.get("partial_rotary_factor", partial)
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"config.json partial_rotary_factor={partial} is not supported")
+    theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
+    scaling = d.get("rope_scaling") or None
+    if scaling is None and rope_params.get("rope_type", rope_params.get("type")) not in (
+        None,
+        "default",
+    ):
+        scaling = rope_params
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in (None, "default"):
+            scaling = None
+        elif kind == "llama3":
+            scaling = dict(scaling)
+            scaling.setdefault(
+                "original_max_position_embeddings",
+                d.get("max_position_embeddings", 2048),
+            )
+            scaling = {"rope_type": "llama3", **{k: scaling.get(k) for k in _LLAMA3_KEYS}}
+        else:
+            field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+            raise ConfigError(
+                f"config.json {field} rope_type={kind!r} is not supported (only 'default' "
+                "and 'llama3')"
+            )
+    return theta, scaling
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture of a Llama-family decoder (field names as in Hugging Face `config.json`).
@@ -208,39 +247,7 @@ class LlamaConfig:
                 f"config.json layer_types={sorted(set(layer_types))} is not supported (only "
                 "'full_attention')"
             )
-        partial = d.get("partial_rotary_factor")
-        rope_params = d.get("rope_parameters") or {}
-        if not isinstance(rope_params, Mapping):
-            raise ConfigError(f"config.json rope_parameters={rope_params!r} must be an object")
-        if rope_params and all(isinstance(v, Mapping) for v in rope_params.values()):
-            raise ConfigError("config.json rope_parameters per layer type is not supported")
-        partial = rope_params.get("partial_rotary_factor", partial)
-        if partial not in (None, 1, 1.0):
-            raise ConfigError(f"config.json partial_rotary_factor={partial} is not supported")
-        theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or None
-        if scaling is None and rope_params.get("rope_type", rope_params.get("type")) not in (
-            None,
-            "default",
-        ):
-            scaling = rope_params
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind in (None, "default"):
-                scaling = None
-            elif kind == "llama3":
-                scaling = dict(scaling)
-                scaling.setdefault(
-                    "original_max_position_embeddings",
-                    d.get("max_position_embeddings", 2048),
-                )
-                scaling = {"rope_type": "llama3", **{k: scaling.get(k) for k in _LLAMA3_KEYS}}
-            else:
-                field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
-                raise ConfigError(
-                    f"config.json {field} rope_type={kind!r} is not supported (only 'default' "
-                    "and 'llama3')"
-                )
+        theta, scaling = _rope_from_hf(d)
         eos = d.get("eos_token_id")
         heads = d.get("num_attention_heads")
         return cls(

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gti_jax.errors import BadInput
-from gti_jax.io.atomic import temp_dir_beside
+from gti_jax.io.atomic import atomic_dir
 from gti_jax.io.safetensors import load_dir_tensors, save_dir_tensors
 from gti_jax.models.config import LlamaConfig
 from gti_jax.models.llama import LlamaForCausalLM
@@ -454,9 +453,7 @@ def export_hf_dir(
         )
     tensors = model_to_tensors(model, dtype=dtype)
     weight_dtype = _dtype_name(tensors["model.embed_tokens.weight"].dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf_config = config.to_hf_dict(dtype=weight_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_dir_tensors(tmp, tensors, max_shard_bytes=max_shard_bytes)
@@ -469,14 +466,4 @@ def export_hf_dir(
                 if hf_config[k] is not None
             }
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if out_dir.exists():
-            old = temp_dir_beside(out_dir, "old")
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gti_jax.diagnostics import effective_rank
+from gti_jax.geometry import effective_rank
 from gti_jax.ground import (
     eval_loss,
     ground_optimizer,
