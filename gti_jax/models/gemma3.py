@@ -61,11 +61,10 @@ class Gemma3Config(LlamaConfig):
     """Architecture of a Gemma 3 text decoder (`LlamaConfig` fields plus the ones below).
 
     Attributes:
-        layer_types: one of `LAYER_TYPES` per layer; None derives it from
-            `sliding_window_pattern` as transformers does (every 6th layer global).
+        layer_types: one of `LAYER_TYPES` per layer; None means every 6th layer global, as
+            transformers does (`from_hf_dict` reads an old `sliding_window_pattern` too).
         sliding_window: the local layers' window (a token sees itself and the
             `sliding_window - 1` slots before it).
-        sliding_window_pattern: used only when `layer_types` is None.
         query_pre_attn_scalar: attention scores are scaled by its inverse square root.
         rope_local_base_freq: RoPE base of the sliding layers (`rope_theta` is the global one).
         rope_scaling: None or `{"rope_type": "linear", "factor": f}` (global layers only).
@@ -76,7 +75,6 @@ class Gemma3Config(LlamaConfig):
     """
 
     layer_types: tuple[str, ...] | None = None
-    sliding_window_pattern: int = 6
     query_pre_attn_scalar: float = 256.0
     rope_local_base_freq: float = 10000.0
     attn_logit_softcapping: float | None = None
@@ -90,18 +88,14 @@ class Gemma3Config(LlamaConfig):
 
     _MODEL_TYPES = ("gemma3_text",)
 
+    def __hash__(self) -> int:  # dataclass would hash the fields, and rope_scaling is a dict
+        return LlamaConfig.__hash__(self)
+
     def __post_init__(self):
-        if self.layer_types is None:
-            p = self.sliding_window_pattern
-            if not isinstance(p, int) or p <= 0:
-                raise ConfigError(f"sliding_window_pattern={p!r} must be a positive integer")
-            types = tuple(
-                "sliding_attention" if (i + 1) % p else "full_attention"
-                for i in range(self.num_hidden_layers)
-            )
-            object.__setattr__(self, "layer_types", types)
-        else:
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        types = self.layer_types
+        if types is None and isinstance(self.num_hidden_layers, int):
+            types = _pattern_layer_types(self.num_hidden_layers, 6)
+        object.__setattr__(self, "layer_types", tuple(types or ()))
         super().__post_init__()
 
     def _validate(self) -> None:
@@ -218,6 +212,13 @@ class Gemma3Config(LlamaConfig):
         heads = d.get("num_attention_heads")
         eos = d.get("eos_token_id")
         layer_types = d.get("layer_types")
+        pattern = d.get("sliding_window_pattern") or 6
+        if not layer_types and isinstance(d.get("num_hidden_layers"), int):
+            if not isinstance(pattern, int) or pattern <= 0:
+                raise ConfigError(
+                    f"config.json sliding_window_pattern={pattern!r} must be a positive integer"
+                )
+            layer_types = _pattern_layer_types(d["num_hidden_layers"], pattern)
         return cls(
             vocab_size=d.get("vocab_size"),
             hidden_size=d.get("hidden_size"),
@@ -236,7 +237,6 @@ class Gemma3Config(LlamaConfig):
             pad_token_id=d.get("pad_token_id"),
             sliding_window=d.get("sliding_window", 4096),
             layer_types=tuple(layer_types) if layer_types else None,
-            sliding_window_pattern=int(d.get("sliding_window_pattern") or 6),
             query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
             rope_local_base_freq=float(local_theta),
             attn_logit_softcapping=d.get("attn_logit_softcapping"),
@@ -290,6 +290,13 @@ class Gemma3Config(LlamaConfig):
             "dtype": dtype,
             "use_cache": True,
         }
+
+
+def _pattern_layer_types(num_layers: int, pattern: int) -> tuple[str, ...]:
+    """transformers' rule: every `pattern`-th layer is global, the others slide."""
+    return tuple(
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+    )
 
 
 class Gemma3RMSNorm(nnx.Module):
