@@ -1,4 +1,6 @@
-"""The architecture config of the Llama family (Llama, SmolLM2, Qwen2, Qwen3).
+"""The architecture config of the Llama family (Llama, SmolLM2, Qwen2, Qwen3, Mistral).
+
+`from_hf_dict` hands Gemma 3 text configs to `gti_jax.models.gemma3.Gemma3Config`.
 
 One frozen dataclass, with Hugging Face field names, is the single source of truth for the
 architecture. It is read from and written back to a `config.json` that `transformers` loads

@@ -1,4 +1,5 @@
-"""A Flax NNX decoder for the Llama family: Llama, SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k norms).
+"""A Flax NNX decoder for the Llama family: Llama, SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k norms),
+Mistral (sliding-window attention); `gti_jax.models.gemma3` builds Gemma 3 on these modules.
 
 The model follows the Hugging Face implementation numerically (RMSNorm in float32, RoPE with
 the rotate-half convention, grouped-query attention, SwiGLU MLP) so that logits match
@@ -34,6 +35,9 @@ Layers live in an `nnx.List` (not `nnx.scan`): paths keep the checkpoint's layer
 the decoders here have at most a few dozen layers, so unrolled compile time is acceptable.
 
 Decoding uses an explicit functional KV cache (`KVCache`, see `LlamaForCausalLM.init_cache`).
+Each layer has a static RoPE table and sliding window (`layer_inv_freq`, `layer_window`); a
+window `w` lets a token attend to itself and the `w - 1` cache slots before it (the cache
+keeps every slot, the mask does the windowing, as transformers' sliding-window mask).
 
 Example:
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,

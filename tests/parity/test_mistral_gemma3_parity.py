@@ -352,6 +352,18 @@ def test_resize_export_reload_parity(ckpt, tmp_path):
     np.testing.assert_allclose(_logits(grown, ids, mask), _hf_logits(hf2, ids, mask), atol=ATOL)
 
 
+def test_bf16_compute_close_to_f32(ckpt):
+    family, path, _, model, tok = ckpt
+    ids, mask = _batch(tok, padded=True)
+    ref = _logits(model, ids, mask)
+    low, _ = load_hf_dir(path, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, with_tokenizer=False)
+    out = _logits(low, ids, mask)
+    real = mask.astype(bool)
+    err = np.abs(out - ref)[real]
+    assert out.dtype == np.float32 and 0 < err.max() < 0.3, (family, err.max())
+    assert (out.argmax(-1) == ref.argmax(-1))[real].mean() > 0.8
+
+
 def test_lora_targets_and_sharded_load(ckpt):
     """LoRA wraps the same projections (a zero-initialized B keeps the logits), and the
     sharded load puts the Gemma-only norms through the sharding rules."""
