@@ -210,7 +210,7 @@ class LlamaConfig:
             True
         """
         model_type = d.get("model_type")
-        if model_type == "gemma3_text":
+        if model_type in ("gemma3_text", "gemma3"):  # "gemma3" (multimodal) is refused there
             from gti_jax.models.gemma3 import Gemma3Config
 
             return Gemma3Config.from_hf_dict(d)

@@ -405,6 +405,7 @@ GEMMA = dict(
         ({"layer_types": ["chunked_attention"] * 2}, "layer_types"),
         ({"layer_types": ["full_attention"]}, "layer_types"),
         ({"sliding_window": None}, "sliding_window"),
+        ({"model_type": "gemma3"}, "text_config"),
     ],
 )
 def test_unsupported_gemma3_configs_name_the_field(changes, field):
