@@ -31,6 +31,7 @@ from gti_jax.errors import BadInput
 from gti_jax.io.atomic import atomic_dir
 from gti_jax.io.safetensors import load_dir_tensors, save_dir_tensors
 from gti_jax.models.config import LlamaConfig
+from gti_jax.models.families import model_class
 from gti_jax.models.llama import LlamaForCausalLM
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_axes, logical_to_spec
 
@@ -74,6 +75,17 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     ("model.layers.{i}.mlp.gate_proj.weight", "layers/{i}/mlp/gate_proj/kernel", "t_in"),
     ("model.layers.{i}.mlp.up_proj.weight", "layers/{i}/mlp/up_proj/kernel", "t_in"),
     ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_proj/kernel", "t_out"),
+    # Gemma 3 only (gti_jax.models.gemma3): the norms around the MLP.
+    (
+        "model.layers.{i}.pre_feedforward_layernorm.weight",
+        "layers/{i}/pre_feedforward_layernorm/scale",
+        "copy",
+    ),
+    (
+        "model.layers.{i}.post_feedforward_layernorm.weight",
+        "layers/{i}/post_feedforward_layernorm/scale",
+        "copy",
+    ),
 )
 
 #: HF tensors that are buffers, not parameters (old checkpoints); skipped silently.
@@ -201,7 +213,7 @@ def model_from_tensors(
     """
     rules = LOGICAL_RULES if rules is None else rules
     abstract = nnx.eval_shape(
-        lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
+        lambda: model_class(config)(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
     )
     graphdef, abs_state = nnx.split(abstract)
     targets = dict(nnx.to_flat_state(abs_state))
