@@ -401,10 +401,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         x = x.astype(self.dtype) * jnp.asarray(self.embed_scale, self.dtype)
         return super().hidden_states(x, **kw)
 
-    def logits(self, h: Array) -> Array:
-        """float32 logits `[B, T, V]`, soft-capped when `final_logit_softcapping` is set."""
-        logits = super().logits(h)
+    def finish_logits(self, raw: Array) -> Array:
+        """Soft-caps `h @ head` (`cap * tanh(raw / cap)`) when `final_logit_softcapping` is set."""
         cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = cap * jnp.tanh(logits / cap)
-        return logits
+        return raw if cap is None else cap * jnp.tanh(raw / cap)

@@ -538,9 +538,17 @@ class LlamaForCausalLM(nnx.Module):
         h = h.astype(self.dtype)
         if self.config.tie_word_embeddings:
             table = self.embed.embedding[...].astype(self.dtype)
-            return jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
-        kernel = self.lm_head.kernel[...].astype(self.dtype)
-        return jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+            raw = jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = self.lm_head.kernel[...].astype(self.dtype)
+            raw = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+        return self.finish_logits(raw)
+
+    def finish_logits(self, raw: Array) -> Array:
+        """What the family does to `h @ head` before it is a logit (nothing here; Gemma 3
+        soft-caps). Code that projects onto head columns itself (grounding's new rows)
+        applies it too, so its logits are the model's."""
+        return raw
 
     def __call__(
         self,
