@@ -43,6 +43,8 @@ import signal
 import sys
 import time
 import traceback
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gti_jax.config import walk_keys
 from gti_jax.errors import BadInput, GtiError, RunFailed
 from gti_jax.train.checkpoint import NoVerifiedCheckpointError
 from gti_jax.train.config import TrainConfig, config_to_dict, save_config
@@ -182,11 +185,12 @@ def _check_run_dir(cfg: TrainConfig) -> Path:
             f"run_dir {run_dir}: {existing} is not writable; choose a writable run_dir"
         )
     saved = run_dir / "config.yaml"
-    resolved = _comparable(config_to_dict(cfg))
+    whole = _mapping_keys(cfg)
+    resolved = _comparable(config_to_dict(cfg), whole)
     if saved.is_file():
         import yaml
 
-        before = _comparable(yaml.safe_load(saved.read_text()) or {})
+        before = _comparable(yaml.safe_load(saved.read_text()) or {}, whole)
         if not cfg.resume:
             raise TrainError(
                 f"run_dir {run_dir} already holds a run; remove it, choose another run_dir, or set resume=true to continue it"
@@ -284,17 +288,17 @@ _RESUME_FREE = (
 )
 
 
-def _comparable(d: dict, prefix: str = "") -> dict:
+def _mapping_keys(cfg) -> frozenset[str]:
+    """The dotted keys of `cfg`'s schema whose values are mappings (compared whole)."""
+    return frozenset(key for key, tp, *_ in walk_keys(type(cfg)) if typing.get_origin(tp) is dict)
+
+
+def _comparable(d: dict, whole: frozenset[str], prefix: str = "") -> dict:
     flat = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and key not in (
-            "init_kwargs",
-            "mesh.shape",
-            "mesh.rules",
-            "rec.paths",
-        ):
-            flat.update(_comparable(v, key + "."))
+        if isinstance(v, dict) and key not in whole:
+            flat.update(_comparable(v, whole, key + "."))
         elif key not in _RESUME_FREE:
             flat[key] = json.loads(json.dumps(v, default=str))
     return flat
@@ -306,7 +310,20 @@ def _comparable(d: dict, prefix: str = "") -> dict:
 
 
 @dataclasses.dataclass
-class _Files:
+class DataFiles:
+    """The files a run reads (``data.*``, or those a data producer made).
+
+    Attributes:
+      tokens, pairs, sft, eval, candidates: the ``data.*`` files (None: unset).
+      aux: auxiliary pairs for ``sft.aux_pairs_ratio`` (None: drawn from the pairs).
+      semantic_ids: the directory of the tokens' semantic IDs, recorded in
+        ``new_tokens.json`` (None: the tokens are not semantic IDs).
+      codebooks: the loaded semantic IDs (anything with ``codebooks``, see
+        :func:`gti_jax.diagnose.token_codebook_vectors`), for the RSA diagnostics. The
+        producer that wrote the files passes them in already read: the trainer reads only
+        the generic data files, never a front end's own formats.
+    """
+
     tokens: Path
     pairs: Path | None
     sft: Path | None
@@ -314,19 +331,31 @@ class _Files:
     candidates: Path | None
     aux: Path | None = None
     semantic_ids: Path | None = None
-    stats: Path | None = None
+    codebooks: Any = None
 
 
-def _given_files(cfg: TrainConfig) -> _Files | None:
-    """The data files named in ``data.*`` (checked to exist), or None for the built-in data."""
+#: ``make_data(out_dir, model, tokenizer) -> DataFiles``: writes a run's data files into
+#: ``out_dir`` (``run_dir/data``) when no ``data.*`` files are given, after every check.
+MakeData = Callable[[Path, Any, Any], DataFiles]
+
+
+def _given_files(cfg: TrainConfig, make_data: MakeData | None) -> DataFiles | None:
+    """The data files named in ``data.*`` (checked to exist), or None when `make_data` will
+    make them."""
     d = cfg.data
     if d.tokens is None:
         if any(x is not None for x in (d.pairs, d.sft, d.eval, d.candidates)):
             raise TrainError(
                 "data.tokens is unset but other data.* files are set; give data.tokens too, or unset all data.* to use the built-in recommendation data (rec.*)"
             )
+        if make_data is None:
+            raise TrainError(
+                "data.tokens is unset; give the data.* files, or run the whole pipeline "
+                "(python -m gti_jax.train, gti_jax.pipeline.run) to prepare the built-in "
+                "recommendation data (rec.*)"
+            )
         return None
-    files = _Files(
+    files = DataFiles(
         tokens=Path(d.tokens),
         pairs=Path(d.pairs) if d.pairs else None,
         sft=Path(d.sft) if d.sft else None,
@@ -335,8 +364,8 @@ def _given_files(cfg: TrainConfig) -> _Files | None:
     )
     missing = [
         f"data.{k}={p}"
-        for k, p in dataclasses.asdict(files).items()
-        if p is not None and not Path(p).is_file()
+        for k in ("tokens", "pairs", "sft", "eval", "candidates")
+        if (p := getattr(files, k)) is not None and not Path(p).is_file()
     ]
     if missing:
         raise TrainError(f"missing data file(s): {', '.join(missing)}; fix the paths")
@@ -361,27 +390,6 @@ def _check_model(name: str) -> None:
         raise TrainError(
             f"model={name}: not a checkpoint directory, a .gguf file or an alias ({', '.join(ALIASES)})"
         )
-
-
-def _data_files(cfg: TrainConfig, given: _Files | None, run_dir: Path, model, tokenizer) -> _Files:
-    if given is not None:
-        return given
-    from gti_jax.rec.prepare import prepare
-
-    _log(
-        f"no data.* files given: preparing {cfg.rec.dataset} with semantic IDs into {run_dir / 'data'}"
-    )
-    paths = prepare(cfg, run_dir / "data", model=model, tokenizer=tokenizer)
-    return _Files(
-        tokens=Path(paths["tokens"]),
-        pairs=Path(paths["pairs"]),
-        sft=Path(paths["sft"]),
-        eval=Path(paths["test"]),
-        candidates=Path(paths["candidates"]),
-        aux=Path(paths["aux"]) if paths.get("aux") else None,
-        semantic_ids=Path(paths["semantic_ids"]) if paths.get("semantic_ids") else None,
-        stats=Path(paths["stats"]) if paths.get("stats") else None,
-    )
 
 
 def pairs_from_descriptions(entries, directions, seed: int):
@@ -445,7 +453,7 @@ def _check_batch_fits(cfg: TrainConfig, mesh, rules) -> None:
             )
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def run(cfg: TrainConfig, *, make_data: MakeData | None = None) -> dict[str, Any]:
     """Runs every stage of ``cfg`` (resuming from ``cfg.run_dir`` when it holds a run).
 
     Every input is checked first, before the run directory is made: the run directory, the
@@ -456,6 +464,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     Any combination of stages runs: ``ground.steps=0`` and ``sft.steps=0`` evaluate (or only
     export) the extended, initialized model.
+
+    Args:
+      cfg: the config (a :class:`TrainConfig`, or a whole run's
+        :class:`gti_jax.pipeline.RunConfig`; ``run_dir/config.yaml`` records all of it).
+      make_data: with ``data.tokens`` unset, makes the data files in ``run_dir/data`` with
+        the loaded model, after every check (stage ``data``); :mod:`gti_jax.pipeline` passes
+        the recommendation front end.
 
     Returns:
       The evaluation results (also written to ``run_dir/results.json``).
@@ -476,7 +491,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     _init_distributed(cfg)
     # Everything checkable is checked before the run directory exists: a BadInput from here
     # on leaves nothing behind.
-    given = _given_files(cfg)
+    given = _given_files(cfg, make_data)
     _check_model(cfg.model)
     mesh = _mesh(cfg)
     rules = dict(cfg.mesh.rules)
@@ -492,7 +507,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     try:
         _write_config(cfg, run_dir)
         return _run(
-            cfg, run_dir, where, model, tokenizer, load_seconds, given, inputs, mesh, rules, t_run
+            cfg,
+            run_dir,
+            where,
+            model,
+            tokenizer,
+            load_seconds,
+            make_data,
+            inputs,
+            mesh,
+            rules,
+            t_run,
         )
     except (Preempted, NonFiniteError, NoVerifiedCheckpointError):
         raise  # said in one line already; nothing to add to error.log
@@ -558,7 +583,7 @@ def _load(cfg: TrainConfig, mesh, rules):
 class _Inputs:
     """Everything a run reads from its data files, read and checked before it starts."""
 
-    files: _Files
+    files: DataFiles
     entries: list  # TokenEntry, file order
     to_add: list[str]  # the new tokens
     num_tokens: int  # the tokenizer's size before the new tokens
@@ -570,7 +595,7 @@ class _Inputs:
     evaluator: Any  # the Evaluator of data.eval (its examples encoded, candidates checked)
 
 
-def _read_inputs(cfg: TrainConfig, files: _Files, model, tokenizer) -> _Inputs:
+def _read_inputs(cfg: TrainConfig, files: DataFiles, model, tokenizer) -> _Inputs:
     """Reads and checks every data file and the examples they make; extends the tokenizer.
 
     Raises a BadInput (TrainError, TokenError, DataError, ...) naming the file and the line.
@@ -658,7 +683,7 @@ def _run(
     model,
     tokenizer,
     load_seconds: float,
-    given: _Files | None,
+    make_data: MakeData | None,
     inputs: _Inputs | None,
     mesh,
     rules,
@@ -682,7 +707,7 @@ def _run(
     t0 = time.perf_counter()
     if inputs is None:  # the built-in recommendation data, made in run_dir/data
         where.stage = "data"
-        files = _data_files(cfg, given, run_dir, model, tokenizer)
+        files = make_data(run_dir / "data", model, tokenizer)
         inputs = _read_inputs(cfg, files, model, tokenizer)
     where.stage = "extend"
     files, to_add, new_range = inputs.files, inputs.to_add, inputs.new_range
@@ -815,16 +840,15 @@ def _peek_meta(ckpt, step):
     return ckpt.read_meta(step) if hasattr(ckpt, "read_meta") else None
 
 
-def _codebook_vectors(files: _Files, tokens):
-    if files.semantic_ids is None:
+def _codebook_vectors(files: DataFiles, tokens):
+    if files.codebooks is None:
         return None
     from gti_jax.diagnose import token_codebook_vectors
-    from gti_jax.rec.semantic_ids import load_semantic_ids
 
-    return token_codebook_vectors(load_semantic_ids(files.semantic_ids), tokens)
+    return token_codebook_vectors(files.codebooks, tokens)
 
 
-def _aux_examples(cfg: TrainConfig, files: _Files, pairs, sft_examples):
+def _aux_examples(cfg: TrainConfig, files: DataFiles, pairs, sft_examples):
     ratio = cfg.sft.aux_pairs_ratio
     if ratio <= 0:
         return []
