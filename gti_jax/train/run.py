@@ -982,7 +982,8 @@ def _ground_state_tree(params, opt_state):
 def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
     cfg, ckpt, log, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.mesh, ctx.rules
     latest, latest_meta, run_dir, writer = ctx.latest, ctx.latest_meta, ctx.run_dir, ctx.writer
-    from gti_jax.ground import (
+    from gti_jax.train.checkpoint import save_rows
+    from gti_jax.train.ground import (
         GroundParams,
         ground_optimizer,
         join_new_rows,
@@ -990,7 +991,6 @@ def _ground(ctx: _Ctx, model, new_range, tied, examples, token_info):
         shared_prefix,
         split_new_rows,
     )
-    from gti_jax.train.checkpoint import save_rows
 
     G = cfg.ground.steps
     t0 = time.perf_counter()

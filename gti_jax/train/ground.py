@@ -25,7 +25,6 @@ Typical use:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
@@ -34,22 +33,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from gti_jax.errors import BadInput
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batch
 from gti_jax.train.steps import (
-    _batch_shards,
-    _check_batch,
-    _Compiled,
-    accumulate_grads,
+    CompiledStep,
     adamw_optimizer,
-    batch_sharding,
     hidden_lm_loss,
-    opt_state_shardings,
-    put_batch,
     set_compute_dtype,
 )
 
@@ -424,7 +417,7 @@ def ground_optimizer(
     )
 
 
-class GroundStep:
+class GroundStep(CompiledStep):
     """A compiled grounding step; build it with :func:`make_ground_step`.
 
     Call it as ``params, opt_state, metrics = step(params, opt_state, batch)``. The frozen
@@ -469,13 +462,12 @@ class GroundStep:
                 "vocabulary before grounding"
             )
         self.graphdef, self.start, self.num_new, self.tied = graphdef, start, n, bool(tied)
-        self.tx, self.mesh, self.rules, self.grad_accum = tx, mesh, rules, int(grad_accum)
         self.compute_dtype = compute_dtype
         self.split_prefix = bool(split_prefix)
         self.max_prefix = None if max_prefix is None else int(max_prefix)
         dim = model.config.hidden_size
 
-        def loss_fn(params, batch, key, frozen, prefix=0):
+        def loss(params, frozen, batch, prefix=0):
             return _loss_sums(
                 graphdef,
                 frozen,
@@ -486,56 +478,30 @@ class GroundStep:
                 prefix=prefix,
             )
 
-        def step(params, frozen, opt_state, batch, prefix):
-            f = lambda p, b, k: loss_fn(p, b, k, frozen, prefix)
-            loss, count, grads = accumulate_grads(f, params, batch, self.grad_accum)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-            return params, opt_state, metrics
-
-        def evaluate(params, frozen, batch):
-            return loss_fn(params, batch, None, frozen)
-
-        if mesh is None:
-            self.frozen_state = frozen_state
-            self._param_sh = self._opt_sh = self._batch_sh = None
-            self._step = _Compiled(step, donate_argnums=(0, 2), static_argnums=(4,))
-            self._eval = _Compiled(evaluate)
-        else:
+        shardings = {}
+        self.frozen_state = frozen_state
+        if mesh is not None:
             frozen_sh = state_shardings(frozen_state, mesh, rules)
             self.frozen_state = jax.device_put(frozen_state, frozen_sh)
             rows = NamedSharding(mesh, logical_to_spec((None, "embed"), rules, mesh, (n, dim)))
-            self._param_sh = GroundParams(rows, None if tied else rows)
-            abstract = GroundParams(
-                jax.ShapeDtypeStruct((n, dim), jnp.float32),
-                None if tied else jax.ShapeDtypeStruct((n, dim), jnp.float32),
+            shardings = dict(
+                param_shardings=GroundParams(rows, None if tied else rows),
+                frozen_shardings=frozen_sh,
+                abstract_params=GroundParams(
+                    jax.ShapeDtypeStruct((n, dim), jnp.float32),
+                    None if tied else jax.ShapeDtypeStruct((n, dim), jnp.float32),
+                ),
             )
-            self._opt_sh = opt_state_shardings(tx, abstract, self._param_sh, mesh)
-            self._batch_sh = batch_sharding(mesh, rules)
-            repl = NamedSharding(mesh, PartitionSpec())
-            batch_sh = self._batch_sh  # a prefix: every field of the batch, targets or not
-            self._step = _Compiled(
-                step,
-                in_shardings=(self._param_sh, frozen_sh, self._opt_sh, batch_sh),
-                out_shardings=(self._param_sh, self._opt_sh, repl),
-                donate_argnums=(0, 2),
-                static_argnums=(4,),
-            )
-            self._eval = _Compiled(
-                evaluate,
-                in_shardings=(self._param_sh, frozen_sh, batch_sh),
-                out_shardings=(repl, repl),
-            )
-        self._shards = _batch_shards(mesh, rules)
-
-    @property
-    def traces(self) -> int:
-        return self._step.traces
-
-    @property
-    def batch_sharding(self) -> NamedSharding | None:
-        return self._batch_sh
+        super().__init__(
+            loss,
+            lambda params, frozen, batch: loss(params, frozen, batch),
+            tx,
+            grad_accum=grad_accum,
+            mesh=mesh,
+            rules=rules,
+            keyed=False,
+            **shardings,
+        )
 
     @property
     def new_ids(self) -> range:
@@ -553,10 +519,7 @@ class GroundStep:
             raise GroundError(f"params.embed must be [{self.num_new}, D], got {params.embed.shape}")
         if self.tied != (params.head is None):
             raise GroundError("params.head must be None exactly when the model is tied")
-        if self.mesh is None:
-            return params, self.tx.init(params)
-        params = jax.device_put(params, self._param_sh)
-        return params, jax.jit(self.tx.init, out_shardings=self._opt_sh)(params)
+        return self.place(params)
 
     def __call__(
         self, params: GroundParams, opt_state: Any, batch: Batch
@@ -572,10 +535,8 @@ class GroundStep:
             ``(params, opt_state, metrics)``; metrics: ``loss`` (mean per target token),
             ``grad_norm`` (before clipping), ``tokens`` (targets in the batch).
         """
-        _check_batch(batch, self.grad_accum, self._shards)
-        prefix = self.prefix_for(batch)
-        batch = put_batch(batch, self._batch_sh)
-        return self._step(params, self.frozen_state, opt_state, batch, prefix)
+        self.check_batch(batch)
+        return self.apply(params, self.frozen_state, opt_state, batch, self.prefix_for(batch))
 
     def prefix_for(self, batch: Batch) -> int:
         """The gradient-free prefix the step uses for `batch` (:func:`grad_free_prefix`).
@@ -603,8 +564,7 @@ class GroundStep:
 
     def loss(self, params: GroundParams, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Evaluation sums ``(loss_sum, num_targets)`` on one batch."""
-        batch = put_batch(batch, self._batch_sh)
-        return self._eval(params, self.frozen_state, batch)
+        return self.eval_sums(params, self.frozen_state, batch)
 
 
 def make_ground_step(
@@ -674,11 +634,6 @@ def make_ground_step(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "start", "compute_dtype"))
-def _eval_sums(graphdef, frozen, params, batch, *, start, compute_dtype):
-    return _loss_sums(graphdef, frozen, params, batch, start=start, compute_dtype=compute_dtype)
-
-
 def eval_loss(
     graphdef: Any,
     frozen_state: Any,
@@ -705,12 +660,20 @@ def eval_loss(
         >>> eval_loss(graphdef, state, params, [batcher.batch_at(0)], new_ids)  # doctest: +SKIP
         2.31
     """
-    start, _ = _check_ids(new_ids)
-    dtype = jnp.dtype(compute_dtype).name
+    # the evaluation of a grounding step (compiled once here, for these batches' shapes)
+    step = GroundStep(
+        graphdef,
+        frozen_state,
+        new_ids,
+        optax.identity(),
+        tied=params.head is None,
+        compute_dtype=compute_dtype,
+        grad_accum=1,
+        mesh=None,
+        rules=LOGICAL_RULES,
+    )
     total, count = 0.0, 0.0
     for batch in batches:
-        s, n = _eval_sums(
-            graphdef, frozen_state, params, put_batch(batch), start=start, compute_dtype=dtype
-        )
+        s, n = step.loss(params, batch)
         total, count = total + float(s), count + float(n)
     return total / count if count else float("nan")
