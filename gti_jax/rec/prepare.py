@@ -19,7 +19,7 @@ front end in one direction:
 
 The output is deterministic given the seed and written atomically: everything goes into a
 temporary directory beside ``out_dir`` that is renamed into place at the end. A complete
-output whose recorded configuration matches is reused as is (the trainer calls
+output whose recorded configuration matches is reused as is (:mod:`gti_jax.pipeline` calls
 :func:`prepare` again on resume); any other existing output is refused.
 
 Output files (keys of the returned dict): ``tokens.jsonl``, ``pairs.jsonl``, ``sft.jsonl``,

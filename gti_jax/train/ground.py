@@ -25,6 +25,7 @@ Typical use:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
@@ -37,8 +38,18 @@ from jax.sharding import Mesh, NamedSharding
 
 from gti_jax.errors import BadInput
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
+from gti_jax.train.checkpoint import save_rows
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batch
+from gti_jax.train.loop import (
+    NanGuard,
+    StageContext,
+    compute_dtype,
+    guard_optimizer,
+    host,
+    log_line,
+    train_loop,
+)
 from gti_jax.train.steps import (
     CompiledStep,
     adamw_optimizer,
@@ -48,6 +59,7 @@ from gti_jax.train.steps import (
 
 __all__ = [
     "GroundError",
+    "ground_stage",
     "GroundParams",
     "GroundStep",
     "eval_loss",
@@ -184,14 +196,14 @@ def _update_raw(table, rows, start, axis):
     return jax.lax.dynamic_update_slice(table, rows.astype(table.dtype), idx)
 
 
-_update = jax.jit(_update_raw, static_argnames=("start", "axis"))
-
-
 def _update_rows(table: jax.Array, rows: jax.Array, start: int, axis: int) -> jax.Array:
+    # jitted where called, as in lora.merge_lora (jax reuses the compilation for the same
+    # function and shapes): no module-level compiled function
     sharding = _rows_sharding(table)
-    if sharding is None or isinstance(table, jax.core.Tracer):
-        return _update(table, rows, start, axis)
-    fn = jax.jit(_update_raw, static_argnames=("start", "axis"), out_shardings=sharding)
+    kw = {}
+    if sharding is not None and not isinstance(table, jax.core.Tracer):
+        kw = {"out_shardings": sharding}
+    fn = jax.jit(_update_raw, static_argnames=("start", "axis"), **kw)
     return fn(table, rows, start=start, axis=axis)
 
 
@@ -677,3 +689,91 @@ def eval_loss(
         s, n = step.loss(params, batch)
         total, count = total + float(s), count + float(n)
     return total / count if count else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# The stage of a run.
+# --------------------------------------------------------------------------------------------
+
+
+def _ground_state_tree(params, opt_state):
+    p = (
+        {"embed": params.embed}
+        if params.head is None
+        else {"embed": params.embed, "head": params.head}
+    )
+    return {"params": p, "opt": opt_state}
+
+
+def ground_stage(ctx: StageContext, model, new_range, tied, examples, token_info):
+    """The grounding stage of a run: ``ground.steps`` steps on the new rows (resumed from the
+    newest grounding checkpoint), then the grounded rows written alone (``export.rows``).
+
+    Returns:
+      The model with the grounded rows joined into its tables.
+    """
+    cfg, ckpt, log, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.mesh, ctx.rules
+    latest, latest_meta, run_dir, writer = ctx.latest, ctx.latest_meta, ctx.run_dir, ctx.writer
+    G = cfg.ground.steps
+    t0 = time.perf_counter()
+    graphdef, state = nnx.split(model)
+    tx = guard_optimizer(ground_optimizer(cfg.ground))
+    step_fn = make_ground_step(
+        graphdef,
+        state,
+        new_range,
+        tx,
+        tied=tied,
+        compute_dtype=compute_dtype(cfg.ground.compute_dtype),
+        grad_accum=cfg.ground.grad_accum,
+        mesh=mesh,
+        rules=rules,
+        max_prefix=shared_prefix((ids for ids, _ in examples), new_range),
+    )
+    params, opt_state = step_fn.init(split_new_rows(state, new_range, tied=tied))
+    start, resumed_meta = 0, None
+    if latest_meta is not None and latest_meta.get("stage") == "ground":
+        restored, resumed_meta = ckpt.restore(latest, target=_ground_state_tree(params, opt_state))
+        params = GroundParams(restored["params"]["embed"], restored["params"].get("head"))
+        opt_state = restored["opt"]
+        start = int(resumed_meta["step"])
+        log_line(f"resumed grounding at step {start}/{G} from {ckpt.directory}")
+    log.truncate_metrics("ground", start)
+    guard = NanGuard(cfg, "ground", 0, resumed_meta)
+
+    def step_once(carry, batch, step):
+        p, o, metrics = step_fn(*carry, batch)
+        return (p, o), metrics
+
+    params, opt_state = train_loop(
+        ctx,
+        "ground",
+        (params, opt_state),
+        step_once,
+        tree=lambda c: _ground_state_tree(*c),
+        opt_state_of=lambda c: c[1],
+        total=G,
+        offset=0,
+        start=start,
+        examples=examples,
+        batch_size=cfg.ground.batch_size,
+        data_seed=cfg.seed,
+        guard=guard,
+        last_saved=start if start else None,
+    )
+    state = join_new_rows(state, params, new_range, tied=tied)
+    if cfg.export.rows:
+        rows = host(params.embed).astype(np.float32)  # every process (collective)
+        head = None if tied else host(params.head).astype(np.float32)
+    if writer and cfg.export.rows:
+        meta = {
+            "model": str(cfg.model),
+            "new_ids": token_info["new_ids"],
+            "tokens": token_info["tokens"],
+            "tied": tied,
+        }
+        save_rows(run_dir / "grounded_rows.safetensors", rows, {**meta, "part": "embed"})
+        if not tied:
+            save_rows(run_dir / "grounded_head_rows.safetensors", head, {**meta, "part": "head"})
+    log.finish("ground", time.perf_counter() - t0, steps=G, **guard.row(), **guard.meta())
+    return nnx.merge(graphdef, state)
