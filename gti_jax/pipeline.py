@@ -36,6 +36,7 @@ from gti_jax.rec.prepare import prepare
 from gti_jax.rec.semantic_ids import load_semantic_ids
 from gti_jax.train import run as trainer
 from gti_jax.train.config import HELP_HEADER, TrainConfig, check_train
+from gti_jax.train.inputs import DataFiles
 
 __all__ = [
     "ConfigError",
@@ -113,7 +114,7 @@ def prepared_data(cfg: RunConfig):
     """The trainer's ``make_data`` for `cfg`: :func:`gti_jax.rec.prepare.prepare` into the
     run's ``data`` directory with the loaded model (a resumed run reuses what it wrote)."""
 
-    def make_data(out_dir: Path, model: Any, tokenizer: Any) -> trainer.DataFiles:
+    def make_data(out_dir: Path, model: Any, tokenizer: Any) -> DataFiles:
         if jax.process_index() == 0:
             print(
                 f"[gti_jax.train] no data.* files given: preparing {cfg.rec.dataset} with "
@@ -123,7 +124,7 @@ def prepared_data(cfg: RunConfig):
             )
         paths = prepare(cfg, out_dir, model=model, tokenizer=tokenizer)
         sids = paths.get("semantic_ids")
-        return trainer.DataFiles(
+        return DataFiles(
             tokens=Path(paths["tokens"]),
             pairs=Path(paths["pairs"]),
             sft=Path(paths["sft"]),
