@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["BadInput", "GtiError", "RunFailed"]
+__all__ = ["BadInput", "ConfigError", "GtiError", "RunFailed"]
 
 
 class GtiError(Exception):
@@ -32,3 +32,8 @@ class BadInput(GtiError, ValueError):
 
 class RunFailed(GtiError):
     """A run that started could not finish; everything it wrote so far is kept."""
+
+
+class ConfigError(BadInput):
+    """A configuration problem (a run's config keys, or a model's ``config.json``), reported
+    as one line naming the key and the fix."""

@@ -18,7 +18,7 @@ MovieLens experiment's data the median grounding pair has 58 tokens, its first n
 position 38 and 9 targets). gti_jax's batch lists its target positions (``Batch.targets``, as
 the trainer's batches do), so its step projects to the vocabulary only there, and its
 grounding step runs the new-token-free prefix forward without gradient
-(`gti_jax.ground.grad_free_prefix`); the PyTorch recipe computes logits at every position
+(`gti_jax.train.ground.grad_free_prefix`); the PyTorch recipe computes logits at every position
 and differentiates every position, as a transformers model trained with masked labels does.
 The "plain" column is gti_jax without them (logits and backward at every position, like
 PyTorch), to show what those two changes are worth. Reported: median seconds per step over `--steps` timed steps after
@@ -48,10 +48,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gti_jax.ground import ground_optimizer, make_ground_step, split_new_rows  # noqa: E402
 from gti_jax.models import export_hf_dir, load_pretrained  # noqa: E402
 from gti_jax.train.config import GroundConfig, SFTConfig  # noqa: E402
 from gti_jax.train.data import Batch, target_positions  # noqa: E402
+from gti_jax.train.ground import ground_optimizer, make_ground_step, split_new_rows  # noqa: E402
 from gti_jax.train.steps import make_sft_step, sft_optimizer  # noqa: E402
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab  # noqa: E402
 from gti_jax.vocab.tokens import extend_tokenizer  # noqa: E402

@@ -70,13 +70,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from gti_jax.pipeline import ConfigError, load_config  # noqa: E402
+from gti_jax.pipeline import RunConfig as TrainConfig  # noqa: E402
 from gti_jax.rec.paired import (  # noqa: E402
     hits_at_k,
     mcnemar_exact,
     ndcg_at_k_per_user,
     paired_bootstrap,
 )
-from gti_jax.train.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from gti_jax.train.runlog import atomic_write_json  # noqa: E402
 
 __all__ = [
@@ -385,7 +386,8 @@ def run_all(
     Raises:
       SystemExit: with :data:`PREEMPTED_EXIT_CODE` when a run was stopped by SIGTERM.
     """
-    from gti_jax.train.run import Preempted, TrainError, run
+    from gti_jax.pipeline import run
+    from gti_jax.train.run import Preempted, TrainError
 
     meta_path = out / EXPERIMENT_FILE
     meta = _read_json(meta_path) or {}

@@ -19,7 +19,7 @@ front end in one direction:
 
 The output is deterministic given the seed and written atomically: everything goes into a
 temporary directory beside ``out_dir`` that is renamed into place at the end. A complete
-output whose recorded configuration matches is reused as is (the trainer calls
+output whose recorded configuration matches is reused as is (:mod:`gti_jax.pipeline` calls
 :func:`prepare` again on resume); any other existing output is refused.
 
 Output files (keys of the returned dict): ``tokens.jsonl``, ``pairs.jsonl``, ``sft.jsonl``,
@@ -44,11 +44,12 @@ from typing import Any
 
 import numpy as np
 
+from gti_jax import config as engine
 from gti_jax.errors import BadInput
 from gti_jax.rec import data as rd
 from gti_jax.rec import metrics, prompts
 from gti_jax.rec import semantic_ids as sem
-from gti_jax.train import config as tc
+from gti_jax.rec.config import PrepareConfig, RecConfig, check_prepare, check_rec
 
 __all__ = [
     "OUTPUT_FILES",
@@ -91,17 +92,17 @@ def _log(verbose: bool, msg: str) -> None:
 # Configuration: what is recorded, what must match on reuse.
 
 
-def _resolve(cfg: Any, seed: int | None) -> tuple[tc.RecConfig, int, str | None]:
+def _resolve(cfg: Any, seed: int | None) -> tuple[RecConfig, int, str | None]:
     """Returns (rec config, resolved seed, model name or None)."""
-    if isinstance(cfg, tc.TrainConfig):
-        rec, top_seed, model_name = cfg.rec, cfg.seed, cfg.model
-    elif isinstance(cfg, tc.RecConfig):
+    if isinstance(cfg, RecConfig):
         rec, top_seed, model_name = cfg, 0, None
-        tc._validate(dataclasses.replace(tc.TrainConfig(), rec=rec))
+        check_rec(rec)
+    elif isinstance(getattr(cfg, "rec", None), RecConfig):  # a whole run's or PrepareConfig
+        rec, top_seed, model_name = cfg.rec, cfg.seed, cfg.model
     else:
         raise PrepareError(
-            f"prepare needs a TrainConfig or RecConfig, got {type(cfg).__name__}; build one "
-            "with gti_jax.train.config.load_config"
+            f"prepare needs a config with a rec section or a RecConfig, got "
+            f"{type(cfg).__name__}; build one with gti_jax.pipeline.load_config"
         )
     if rec.seed is not None:
         resolved = rec.seed
@@ -123,10 +124,10 @@ def _sha256(path: Path) -> str:
 
 
 def _recorded_config(
-    rec: tc.RecConfig, seed: int, model_name: str | None, max_len: int
+    rec: RecConfig, seed: int, model_name: str | None, max_len: int
 ) -> dict[str, Any]:
     """The settings that determine the output; a reused output must have recorded the same."""
-    d = tc.config_to_dict(rec)
+    d = engine.to_dict(rec)
     d["seed"] = seed
     if rec.task == "sequence" and rec.sequence_items is None:
         d["sequence_max_len"] = max_len  # the rows' length follows data.max_len
@@ -189,7 +190,7 @@ def _check_existing(out: Path, recorded: dict[str, Any]) -> bool:
 # Steps.
 
 
-def _check_inputs(rec: tc.RecConfig, model: Any, tokenizer: Any, can_load: bool) -> None:
+def _check_inputs(rec: RecConfig, model: Any, tokenizer: Any, can_load: bool) -> None:
     """Cheap checks before any heavy work: files exist, .npy is 2-D, a model is available."""
     for key, value in sorted(rec.paths.items()):
         p = Path(value).expanduser()
@@ -224,7 +225,7 @@ def _check_inputs(rec: tc.RecConfig, model: Any, tokenizer: Any, can_load: bool)
         )
 
 
-def _load(rec: tc.RecConfig) -> rd.RecDataset:
+def _load(rec: RecConfig) -> rd.RecDataset:
     p = {k: Path(v).expanduser() for k, v in rec.paths.items()}
     if rec.dataset == "movielens-100k":
         return rd.load_movielens_100k(p.get("dir"))
@@ -235,7 +236,7 @@ def _load(rec: tc.RecConfig) -> rd.RecDataset:
     return rd.load_csv(p["interactions"], p["items"])
 
 
-def _subsample(split: rd.Split, rec: tc.RecConfig, seed: int) -> rd.Split:
+def _subsample(split: rd.Split, rec: RecConfig, seed: int) -> rd.Split:
     """Seeded subsets of training examples and of evaluation users (order kept)."""
     train, valid, test = split.train, split.valid, split.test
     if rec.max_train_examples is not None and len(train) > rec.max_train_examples:
@@ -251,7 +252,7 @@ def _subsample(split: rd.Split, rec: tc.RecConfig, seed: int) -> rd.Split:
     return dataclasses.replace(split, train=train, valid=valid, test=test)
 
 
-def _sequence_items(rec: tc.RecConfig, max_len: int, levels: int) -> int:
+def _sequence_items(rec: RecConfig, max_len: int, levels: int) -> int:
     """Items per sequence row: rec.sequence_items, or as many as fit max_len (8 for the prefix)."""
     items = rec.sequence_items or (max_len - _PREFIX_ROOM) // levels
     if items <= rec.sequence_overlap or items < 2:
@@ -263,7 +264,7 @@ def _sequence_items(rec: tc.RecConfig, max_len: int, levels: int) -> int:
     return items
 
 
-def _semantic_ids(x: np.ndarray, rec: tc.RecConfig, seed: int) -> sem.SemanticIds:
+def _semantic_ids(x: np.ndarray, rec: RecConfig, seed: int) -> sem.SemanticIds:
     if rec.semantic_ids == "rq_kmeans":
         return sem.rq_kmeans(x, num_levels=rec.levels, codebook_size=rec.codebook_size, key=seed)
     return sem.rq_vae(
@@ -304,7 +305,7 @@ def _round(metrics_dict: dict[str, float]) -> dict[str, float]:
 
 
 def prepare(
-    cfg: tc.TrainConfig | tc.RecConfig,
+    cfg: Any,
     out_dir: str | os.PathLike,
     *,
     seed: int | None = None,
@@ -315,14 +316,15 @@ def prepare(
     """Prepares a recommendation task: dataset -> semantic IDs -> the trainer's files.
 
     Args:
-        cfg: a :class:`~gti_jax.train.config.TrainConfig` (its ``rec`` section, ``seed``
-            and ``model`` are used) or a bare
-            :class:`~gti_jax.train.config.RecConfig`.
+        cfg: a :class:`~gti_jax.pipeline.RunConfig` or a
+            :class:`~gti_jax.rec.config.PrepareConfig` (its ``rec`` section, ``seed``,
+            ``model`` and ``data.max_len`` are used) or a bare
+            :class:`~gti_jax.rec.config.RecConfig`.
         out_dir: output directory; created atomically. If it already holds a complete output
             of the same settings, that output is returned without recomputing.
         seed: the seed when ``rec.seed`` is null and ``cfg`` is a ``RecConfig`` (default 0);
-            a ``TrainConfig`` supplies its top-level ``seed``.
-        model: the backbone for ``rec.embeddings=backbone``; with a ``TrainConfig`` and no
+            a whole config supplies its top-level ``seed``.
+        model: the backbone for ``rec.embeddings=backbone``; with a whole config and no
             model, ``gti_jax.models.load_pretrained(cfg.model)`` is loaded.
         tokenizer: the model's tokenizer (with ``model``).
         verbose: print progress to stderr.
@@ -336,15 +338,15 @@ def prepare(
             for backbone embeddings, a codebook larger than the catalogue.
         gti_jax.rec.data.RecDataError: a missing or malformed input file (one line).
 
-    >>> from gti_jax.train.config import load_config
+    >>> from gti_jax.pipeline import load_config
     >>> cfg = load_config(None, ["rec.embeddings=emb.npy", "rec.codebook_size=16"])
     >>> paths = prepare(cfg, "out/ml100k")  # doctest: +SKIP
     >>> sorted(paths)[:3]  # doctest: +SKIP
     ['aux', 'candidates', 'items']
     """
     rec, seed, model_name = _resolve(cfg, seed)
-    max_len = cfg.data.max_len if isinstance(cfg, tc.TrainConfig) else _DEFAULT_MAX_LEN
-    ks = _KS
+    bare = isinstance(cfg, RecConfig)
+    max_len = _DEFAULT_MAX_LEN if bare else cfg.data.max_len
     out = Path(out_dir).expanduser()
     if rec.embeddings == "backbone" and model is not None and model_name is None:
         model_name = type(model).__name__
@@ -352,10 +354,47 @@ def prepare(
     if _check_existing(out, recorded):
         _log(verbose, f"reusing {out} (prepared with the same settings)")
         return _paths(out)
-    _check_inputs(rec, model, tokenizer, can_load=isinstance(cfg, tc.TrainConfig))
+    _check_inputs(rec, model, tokenizer, can_load=not bare)
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    raw, ds, split = _load_split(rec)
+    times["load"] = time.perf_counter() - t0
+    _log(
+        verbose,
+        f"{ds.name}: {ds.num_users} users, {ds.num_items} items, "
+        f"{ds.num_interactions} interactions after filtering",
+    )
+    t0 = time.perf_counter()
+    x = _embeddings(rec, ds, model, tokenizer, model_name, verbose)
+    times["embeddings"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sids = _semantic_ids(x, rec, seed)
+    times["semantic_ids"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    written = _subsample(split, rec, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        paths, new_tokens = _write_files(tmp, rec, ds, written, sids, x, seed, max_len)
+        stats = _stats(recorded, rec, (raw, ds, split, written), sids, x, paths, new_tokens)
+        text = json.dumps(stats, indent=2, ensure_ascii=False) + "\n"
+        (tmp / OUTPUT_FILES["stats"]).write_text(text, encoding="utf-8")
+        _relax_permissions(tmp)
+        if out.exists():
+            out.rmdir()  # _check_existing allowed only an empty directory
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    times["write"] = time.perf_counter() - t0
+    _log(verbose, "done in " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+    return _paths(out)
+
+
+def _load_split(rec: RecConfig) -> tuple[rd.RecDataset, rd.RecDataset, rd.Split]:
+    """The raw dataset, the filtered one and its leave-one-out split (checked non-empty)."""
     raw = _load(rec)
     ds = rd.filter_dataset(
         raw,
@@ -374,133 +413,115 @@ def prepare(
             f"rec.codebook_size={rec.codebook_size} exceeds the {ds.num_items} items left "
             f"after filtering; set rec.codebook_size <= {ds.num_items}"
         )
-    times["load"] = time.perf_counter() - t0
-    _log(
-        verbose,
-        f"{ds.name}: {ds.num_users} users, {ds.num_items} items, "
-        f"{ds.num_interactions} interactions after filtering",
-    )
+    return raw, ds, split
 
-    t0 = time.perf_counter()
-    if rec.embeddings == "backbone":
-        if model is None:
-            from gti_jax.models import load_pretrained
 
-            _log(verbose, f"loading {model_name}")
-            model, tokenizer = load_pretrained(model_name)
-        from gti_jax.rec.embed import item_embeddings
-
-        texts = [rd.item_text(it) for it in ds.items]
-        x = item_embeddings(
-            model,
-            tokenizer,
-            texts,
-            batch_size=rec.embed_batch_size,
-            max_len=rec.embed_max_len,
-            verbose=verbose,
-        )
-    else:
+def _embeddings(rec, ds, model, tokenizer, model_name, verbose) -> np.ndarray:
+    """``[num_items, D]`` item embeddings: the backbone's, or read from rec.embeddings."""
+    if rec.embeddings != "backbone":
         try:
-            x = sem.item_embeddings_from_npy(Path(rec.embeddings).expanduser(), ds.num_items)
+            return sem.item_embeddings_from_npy(Path(rec.embeddings).expanduser(), ds.num_items)
         except ValueError as e:
             raise PrepareError(f"rec.embeddings: {e}") from None
-    times["embeddings"] = time.perf_counter() - t0
+    if model is None:
+        from gti_jax.models import load_pretrained  # only for backbone embeddings
 
-    t0 = time.perf_counter()
-    sids = _semantic_ids(x, rec, seed)
-    times["semantic_ids"] = time.perf_counter() - t0
+        _log(verbose, f"loading {model_name}")
+        model, tokenizer = load_pretrained(model_name)
+    from gti_jax.rec.embed import item_embeddings  # jax-heavy: only for backbone embeddings
+
+    return item_embeddings(
+        model,
+        tokenizer,
+        [rd.item_text(it) for it in ds.items],
+        batch_size=rec.embed_batch_size,
+        max_len=rec.embed_max_len,
+        verbose=verbose,
+    )
+
+
+def _write_files(tmp, rec, ds, written, sids, x, seed, max_len) -> tuple[dict[str, Path], int]:
+    """Writes the trainer's files, the semantic IDs and the embeddings into `tmp`; returns
+    their paths and the number of new tokens."""
+    sizes = list(sids.codebook_sizes)
+    paths = prompts.write_task_files(
+        tmp,
+        ds,
+        written,
+        sids.codes,
+        rng_seed=seed,
+        codebook_size=max(sizes),
+        history_with_titles=rec.history_with_titles,
+        action=_ACTIONS.get(rec.dataset, "interacted with"),
+        task=rec.task,
+        sequence_items=_sequence_items(rec, max_len, sids.num_levels),
+        sequence_overlap=rec.sequence_overlap,
+        sequence_prefix=rec.sequence_prefix,
+        max_sequence_rows=rec.max_train_examples,
+    )
+    new_tokens = _keep_tokens(paths["tokens"], sizes)
+    sem.save_semantic_ids(tmp / OUTPUT_FILES["semantic_ids"], sids)
+    np.save(tmp / OUTPUT_FILES["embeddings"], x, allow_pickle=False)
+    return paths, new_tokens
+
+
+def _stats(recorded, rec, data, sids, x, paths, new_tokens) -> dict[str, Any]:
+    """The content of ``prepare_stats.json``; `data` is (raw, filtered, split, written)."""
+    raw, ds, split, written = data
     sizes = list(sids.codebook_sizes)
     after = sem.collision_stats(sids.codes, sizes)
-
-    t0 = time.perf_counter()
-    written = _subsample(split, rec, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        paths = prompts.write_task_files(
-            tmp,
-            ds,
-            written,
-            sids.codes,
-            rng_seed=seed,
-            codebook_size=max(sizes),
-            history_with_titles=rec.history_with_titles,
-            action=_ACTIONS.get(rec.dataset, "interacted with"),
-            task=rec.task,
-            sequence_items=_sequence_items(rec, max_len, sids.num_levels),
-            sequence_overlap=rec.sequence_overlap,
-            sequence_prefix=rec.sequence_prefix,
-            max_sequence_rows=rec.max_train_examples,
-        )
-        new_tokens = _keep_tokens(paths["tokens"], sizes)
-        sem.save_semantic_ids(tmp / OUTPUT_FILES["semantic_ids"], sids)
-        np.save(tmp / OUTPUT_FILES["embeddings"], x, allow_pickle=False)
-
-        counts = rd.item_popularity(split)
-        baseline = {
-            "k": list(ks),
-            "counts_from": "training part of every user (valid and test targets excluded)",
-            "test": _round(
-                metrics.popularity_baseline(counts, [ex.target for ex in written.test], ks)
-            ),
-            "valid": _round(
-                metrics.popularity_baseline(counts, [ex.target for ex in written.valid], ks)
-            ),
-            "test_users": len(written.test),
-        }
-        sid_stats = sids.stats
-        stats = {
-            "config": recorded,
-            "dataset": {
-                "name": ds.name,
-                "raw": rd.dataset_stats(raw),
-                "filtered": rd.dataset_stats(ds),
-                "notes": list(ds.notes),
-            },
-            "split": {
-                "train_examples": len(split.train),
-                "valid_examples": len(split.valid),
-                "test_examples": len(split.test),
-            },
-            "examples": {
-                k: _count_lines(paths[k]) for k in ("sft", "valid", "test", "pairs", "aux")
-            },
-            "embeddings": {
-                "source": rec.embeddings,
-                "dim": int(x.shape[1]),
-            },
-            "semantic_ids": {
-                "method": rec.semantic_ids,
-                "quantizer_levels": rec.levels,
-                "levels": sids.num_levels,
-                "extra_level": bool(sid_stats.get("extra_level", False)),
-                "codebook_sizes": sizes,
-                "collision_rate": float(sid_stats["collision_rate"]),
-                "max_group": int(sid_stats["max_group"]),
-                "codebook_usage": [round(u, 6) for u in after["codebook_usage"]],
-                "unique_ids": int(after["num_unique"]),
-                "items": sids.num_items,
-            },
-            "new_tokens": new_tokens,
-            "candidates": _count_lines(paths["candidates"]),
-            "popularity_baseline": baseline,
-            "files": dict(OUTPUT_FILES),
-        }
-        for key in ("quantization_error", "recon_loss", "codebook_loss", "commitment_loss"):
-            if key in sid_stats and isinstance(sid_stats[key], (int, float)):
-                stats["semantic_ids"][key] = float(sid_stats[key])
-        text = json.dumps(stats, indent=2, ensure_ascii=False) + "\n"
-        (tmp / OUTPUT_FILES["stats"]).write_text(text, encoding="utf-8")
-        _relax_permissions(tmp)
-        if out.exists():
-            out.rmdir()  # _check_existing allowed only an empty directory
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    times["write"] = time.perf_counter() - t0
-    _log(verbose, "done in " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    return _paths(out)
+    counts = rd.item_popularity(split)
+    baseline = {
+        "k": list(_KS),
+        "counts_from": "training part of every user (valid and test targets excluded)",
+        "test": _round(
+            metrics.popularity_baseline(counts, [ex.target for ex in written.test], _KS)
+        ),
+        "valid": _round(
+            metrics.popularity_baseline(counts, [ex.target for ex in written.valid], _KS)
+        ),
+        "test_users": len(written.test),
+    }
+    sid_stats = sids.stats
+    stats = {
+        "config": recorded,
+        "dataset": {
+            "name": ds.name,
+            "raw": rd.dataset_stats(raw),
+            "filtered": rd.dataset_stats(ds),
+            "notes": list(ds.notes),
+        },
+        "split": {
+            "train_examples": len(split.train),
+            "valid_examples": len(split.valid),
+            "test_examples": len(split.test),
+        },
+        "examples": {k: _count_lines(paths[k]) for k in ("sft", "valid", "test", "pairs", "aux")},
+        "embeddings": {
+            "source": rec.embeddings,
+            "dim": int(x.shape[1]),
+        },
+        "semantic_ids": {
+            "method": rec.semantic_ids,
+            "quantizer_levels": rec.levels,
+            "levels": sids.num_levels,
+            "extra_level": bool(sid_stats.get("extra_level", False)),
+            "codebook_sizes": sizes,
+            "collision_rate": float(sid_stats["collision_rate"]),
+            "max_group": int(sid_stats["max_group"]),
+            "codebook_usage": [round(u, 6) for u in after["codebook_usage"]],
+            "unique_ids": int(after["num_unique"]),
+            "items": sids.num_items,
+        },
+        "new_tokens": new_tokens,
+        "candidates": _count_lines(paths["candidates"]),
+        "popularity_baseline": baseline,
+        "files": dict(OUTPUT_FILES),
+    }
+    for key in ("quantization_error", "recon_loss", "codebook_loss", "commitment_loss"):
+        if key in sid_stats and isinstance(sid_stats[key], (int, float)):
+            stats["semantic_ids"][key] = float(sid_stats[key])
+    return stats
 
 
 def format_summary(stats: dict[str, Any]) -> str:
@@ -546,7 +567,8 @@ _USAGE = "usage: python -m gti_jax.rec.prepare [--config FILE] [key=value ...] -
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: ``python -m gti_jax.rec.prepare [--config FILE] [key=value ...] --out DIR``.
 
-    Settings come from the trainer's config system (``rec.*``, ``model``, ``seed``); the
+    Settings are :class:`~gti_jax.rec.config.PrepareConfig`'s (``rec.*``, ``model``,
+    ``seed``, ``data.max_len``; a whole run's ``--config`` file works too); the
     summary goes to stdout, progress to stderr, a bad input to stderr as one line (exit 2).
 
     Args:
@@ -559,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in args or "--help" in args:
         sys.stdout.write(
             f"{_USAGE}\n\nWrites the trainer's files for a recommendation dataset into DIR.\n"
-            "The rec.* keys below (and model, seed) apply.\n\n" + tc.config_help()
+            "The keys below apply (a --config file of a whole run may hold others, which are\n"
+            "ignored).\n" + engine.help_text(PrepareConfig, ())
         )
         return 0
     out = None
@@ -582,7 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --out DIR is required; {_USAGE}", file=sys.stderr)
         return 2
     try:
-        cfg = tc.parse_cli(rest)
+        path, overrides = engine.split_argv(rest)
+        cfg = engine.load(
+            PrepareConfig, path, overrides, validate=check_prepare, file_may_hold_more=True
+        )
         paths = prepare(cfg, out)
         stats = json.loads(paths["stats"].read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:  # PrepareError, RecDataError, ConfigError, missing files

@@ -1,8 +1,9 @@
 """``python -m gti_jax.train [--config FILE] [key=value ...]``: the GTI training run.
 
-With no arguments it runs the built-in quickstart (SmolLM2-135M on MovieLens-100k, with
-GTI). ``--help`` lists every config key with its default and meaning. Re-running the same
-command on the same ``run_dir`` resumes from the last checkpoint.
+The whole run (:mod:`gti_jax.pipeline`). With no arguments it runs the built-in quickstart
+(SmolLM2-135M on MovieLens-100k, with GTI). ``--help`` lists every config key with its
+default and meaning. Re-running the same command on the same ``run_dir`` resumes from the
+last checkpoint.
 
 Exit codes, chosen by the error's type (``gti_jax.errors``), never by its message: 0 done;
 2 bad input (``BadInput``: one line on stderr says what and how to fix it; nothing was
@@ -18,21 +19,22 @@ import sys
 
 
 def main(argv=None) -> int:
+    # Imported here, not at the top: `python -m gti_jax.train` re-executes itself (below)
+    # before anything imports jax.
+    from gti_jax import pipeline
     from gti_jax.errors import BadInput, RunFailed
-    from gti_jax.train.config import parse_cli
+    from gti_jax.train.run import PREEMPTED_EXIT_CODE, Preempted
 
     try:
-        cfg = parse_cli(sys.argv[1:] if argv is None else argv)
+        cfg = pipeline.parse_cli(sys.argv[1:] if argv is None else argv)
     except BadInput as e:  # ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return int(e.code or 0)
 
-    from gti_jax.train.run import PREEMPTED_EXIT_CODE, Preempted, run
-
     try:
-        run(cfg)
+        pipeline.run(cfg)  # the recommendation front end (data.* unset), then training
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

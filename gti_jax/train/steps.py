@@ -6,7 +6,9 @@ model is split once into a *trainable* and a *frozen* `nnx.State`; gradients and
 state exist only for the trainable part, and the frozen part is an argument of the compiled
 step that is never updated (nor copied).
 
-Both stages (this SFT step and the grounding step of `gti_jax.ground`) share:
+Both stages (this SFT step and the grounding step of `gti_jax.train.ground`) share:
+
+* :class:`CompiledStep`: the compiled step itself (jit, donation, shardings, trace count);
 
 * :func:`masked_lm_loss`: next-token cross-entropy in float32 over the loss-mask tokens,
   returned as ``(sum, count)`` so that micro-batches and devices combine exactly;
@@ -46,12 +48,14 @@ from gti_jax.train.config import SFTConfig
 from gti_jax.train.data import Batch
 
 __all__ = [
+    "CompiledStep",
     "SFTState",
     "SFTStep",
     "StepError",
     "accumulate_grads",
     "adamw_optimizer",
     "batch_sharding",
+    "batch_shards",
     "current_lr",
     "hidden_lm_loss",
     "lr_schedule",
@@ -376,14 +380,6 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules, mesh))
 
 
-def _batch_shards(mesh: Mesh | None, rules: Rules) -> int:
-    if mesh is None:
-        return 1
-    spec = logical_to_spec(("batch", "seq"), rules, mesh)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def put_batch(batch: Batch, sharding: NamedSharding | None = None) -> Batch:
     """Places a batch for a step: numpy rows of this process -> one global array per field.
 
@@ -431,41 +427,144 @@ def opt_state_shardings(
     )
 
 
-class _Compiled:
-    """A jitted function with an optional mesh placement and a trace counter."""
+def batch_shards(mesh: Mesh | None, rules: Rules = LOGICAL_RULES) -> int:
+    """How many ways a batch's rows are split over `mesh` (the rules' ``batch`` axes; 1 with
+    no mesh): every batch and micro-batch must split evenly.
+
+    Example:
+        >>> batch_shards(None)
+        1
+    """
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("batch", "seq"), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+class CompiledStep:
+    """The compiled-step mechanism both training stages are built on (:class:`SFTStep` and
+    :class:`gti_jax.train.ground.GroundStep`).
+
+    It compiles, once per batch shape, an optimizer step over ``(params, frozen, opt_state,
+    batch, extra)`` and an evaluation over ``(params, frozen, batch)``, from the stage's loss
+    ``loss(params, frozen, micro_batch, key_or_extra) -> (loss_sum, num_targets)``: gradients
+    accumulated over ``grad_accum`` micro-batches (:func:`accumulate_grads`), then the
+    optimizer update. `params` and `opt_state` are donated, `frozen` is an argument (never a
+    baked-in constant, never updated). With a mesh, every input and output keeps its
+    sharding (``in_shardings``/``out_shardings``): the params' as given, the optimizer
+    moments like their parameters, the batch on its rows. The compiled functions live on the
+    object (no module-level cache); :attr:`traces` counts the step's compilations.
+
+    Args:
+        loss: the stage's summed loss (above); `evaluate(params, frozen, batch)` its
+            evaluation sums.
+        tx: the optimizer.
+        grad_accum: micro-batches per optimizer step.
+        mesh, rules: the device mesh (None: one device) and logical axis rules.
+        param_shardings, frozen_shardings: with a mesh, the shardings of `params` and
+            `frozen`; `abstract_params` (shapes) places the optimizer state.
+        keyed: ``extra`` is a PRNG key, split over the micro-batches and passed to `loss`
+            (SFT dropout); otherwise it is a static Python value passed to `loss` as is
+            (grounding's gradient-free prefix), compiled once per value.
+    """
 
     def __init__(
-        self, fn, *, in_shardings=None, out_shardings=None, donate_argnums=(), static_argnums=()
+        self,
+        loss: Callable[..., tuple[jax.Array, jax.Array]],
+        evaluate: Callable[..., tuple[jax.Array, jax.Array]],
+        tx: optax.GradientTransformation,
+        *,
+        grad_accum: int,
+        mesh: Mesh | None,
+        rules: Rules,
+        keyed: bool,
+        param_shardings: Any = None,
+        frozen_shardings: Any = None,
+        abstract_params: Any = None,
     ):
+        self.tx, self.mesh, self.rules, self.grad_accum = tx, mesh, rules, int(grad_accum)
         self.traces = 0
+        grad_accum = self.grad_accum
 
-        def counted(*args):
+        def step(params, frozen, opt_state, batch, extra):
             self.traces += 1
-            return fn(*args)
+            if keyed:
+                f = lambda p, b, k: loss(p, frozen, b, k)  # noqa: E731
+                key = extra
+            else:
+                f = lambda p, b, k: loss(p, frozen, b, extra)  # noqa: E731
+                key = None
+            value, count, grads = accumulate_grads(f, params, batch, grad_accum, key)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "tokens": count}
+            return params, opt_state, metrics
 
-        kw: dict[str, Any] = {"donate_argnums": donate_argnums, "static_argnums": static_argnums}
-        if in_shardings is not None:
-            kw.update(in_shardings=in_shardings, out_shardings=out_shardings)
-        self.fn = jax.jit(counted, **kw)
+        static = () if keyed else (4,)
+        if mesh is None:
+            self._param_sh = self._opt_sh = self._batch_sh = None
+            self._step = jax.jit(step, donate_argnums=(0, 2), static_argnums=static)
+            self._eval = jax.jit(evaluate)
+            self._init = tx.init
+        else:
+            self._param_sh = param_shardings
+            self._opt_sh = opt_state_shardings(tx, abstract_params, param_shardings, mesh)
+            self._batch_sh = batch_sharding(mesh, rules)
+            repl = NamedSharding(mesh, PartitionSpec())
+            batch_sh = self._batch_sh  # a prefix: every field of the batch, targets or not
+            ins = (param_shardings, frozen_shardings, self._opt_sh, batch_sh)
+            self._step = jax.jit(
+                step,
+                in_shardings=ins + ((repl,) if keyed else ()),
+                out_shardings=(param_shardings, self._opt_sh, repl),
+                donate_argnums=(0, 2),
+                static_argnums=static,
+            )
+            self._eval = jax.jit(
+                evaluate,
+                in_shardings=(param_shardings, frozen_shardings, batch_sh),
+                out_shardings=(repl, repl),
+            )
+            self._init = jax.jit(tx.init, out_shardings=self._opt_sh)
+        self._shards = batch_shards(mesh, rules)
 
-    def __call__(self, *args):
-        return self.fn(*args)
+    @property
+    def batch_sharding(self) -> NamedSharding | None:
+        """The batch's sharding on the mesh (None without one)."""
+        return self._batch_sh
 
+    def place(self, params: Any) -> tuple[Any, Any]:
+        """`params` placed (on the mesh when there is one) and their initial optimizer state."""
+        if self.mesh is None:
+            return params, self._init(params)
+        params = jax.device_put(params, self._param_sh)
+        return params, self._init(params)
 
-def _check_batch(batch: Batch, grad_accum: int, shards: int) -> None:
-    b = np.shape(batch.input_ids)[0]
-    if not isinstance(batch.input_ids, jax.Array):
-        b *= jax.process_count()  # numpy rows are this process's part of the global batch
-    if b % grad_accum:
-        raise StepError(
-            f"batch of {b} rows is not divisible by grad_accum={grad_accum}; make batch_size "
-            "a multiple of grad_accum"
-        )
-    if b % shards:
-        raise StepError(
-            f"batch of {b} rows does not divide over the {shards} batch shards of the mesh; "
-            f"make batch_size a multiple of {shards}"
-        )
+    def check_batch(self, batch: Batch) -> None:
+        """Raises StepError unless the batch's rows split into ``grad_accum`` micro-batches and
+        over the mesh's batch shards."""
+        b = np.shape(batch.input_ids)[0]
+        if not isinstance(batch.input_ids, jax.Array):
+            b *= jax.process_count()  # numpy rows are this process's part of the global batch
+        if b % self.grad_accum:
+            raise StepError(
+                f"batch of {b} rows is not divisible by grad_accum={self.grad_accum}; make "
+                "batch_size a multiple of grad_accum"
+            )
+        if b % self._shards:
+            raise StepError(
+                f"batch of {b} rows does not divide over the {self._shards} batch shards of the "
+                f"mesh; make batch_size a multiple of {self._shards}"
+            )
+
+    def apply(self, params: Any, frozen: Any, opt_state: Any, batch: Batch, extra: Any):
+        """One compiled step on a checked batch: ``(params, opt_state, metrics)``."""
+        return self._step(params, frozen, opt_state, put_batch(batch, self._batch_sh), extra)
+
+    def eval_sums(self, params: Any, frozen: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """``(loss_sum, num_targets)`` of one batch."""
+        return self._eval(params, frozen, put_batch(batch, self._batch_sh))
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,13 +615,14 @@ def trainable_filter(lora: bool) -> nnx.filterlib.Filter:
     )
 
 
-class SFTStep:
+class SFTStep(CompiledStep):
     """A compiled fine-tuning step; build it with :func:`make_sft_step`.
 
     Attributes:
         graphdef: the model's graph definition (``nnx.merge(graphdef, trainable, frozen)``).
         lora: whether only LoRA factors, the embedding and the head train.
         mesh: the mesh, or None (single device).
+        traces: how many times the step was traced (compiled): once per batch shape.
     """
 
     def __init__(self, model, tx, *, lora, compute_dtype, grad_accum, mesh, rules):
@@ -534,10 +634,6 @@ class SFTStep:
                 "gti_jax.train.lora.apply_lora(model, ...) first"
             )
         self.lora = lora
-        self.tx = tx
-        self.mesh = mesh
-        self.rules = rules
-        self.grad_accum = int(grad_accum)
         self.compute_dtype = compute_dtype
         self.dropout = _active_dropout(model)
         self._filter = trainable_filter(lora)
@@ -554,49 +650,24 @@ class SFTStep:
                 _train_mode(model, key)
             return model_lm_loss(model, batch)
 
-        def step(trainable, frozen, opt_state, batch, key):
-            f = lambda p, b, k: loss_sums(p, frozen, b, k, True)
-            loss, count, grads = accumulate_grads(f, trainable, batch, self.grad_accum, key)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
-            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-            return trainable, opt_state, metrics
-
-        def evaluate(trainable, frozen, batch):
-            return loss_sums(trainable, frozen, batch, None, False)
-
-        if mesh is None:
-            self._param_sh = self._frozen_sh = self._opt_sh = self._batch_sh = None
-            self._step = _Compiled(step, donate_argnums=(0, 2))
-            self._eval = _Compiled(evaluate)
-        else:
-            self._param_sh = state_shardings(trainable, mesh, rules)
+        shardings = {}
+        if mesh is not None:
+            shardings = dict(
+                param_shardings=state_shardings(trainable, mesh, rules),
+                abstract_params=trainable,
+            )
             self._frozen_sh = state_shardings(frozen, mesh, rules)
-            self._opt_sh = opt_state_shardings(tx, trainable, self._param_sh, mesh)
-            self._batch_sh = batch_sharding(mesh, rules)
-            repl = NamedSharding(mesh, PartitionSpec())
-            batch_sh = self._batch_sh  # a prefix: every field of the batch, targets or not
-            self._step = _Compiled(
-                step,
-                in_shardings=(self._param_sh, self._frozen_sh, self._opt_sh, batch_sh, repl),
-                out_shardings=(self._param_sh, self._opt_sh, repl),
-                donate_argnums=(0, 2),
-            )
-            self._eval = _Compiled(
-                evaluate,
-                in_shardings=(self._param_sh, self._frozen_sh, batch_sh),
-                out_shardings=(repl, repl),
-            )
-        self._shards = _batch_shards(mesh, rules)
-
-    @property
-    def traces(self) -> int:
-        """How many times the step was traced (compiled): once per batch shape."""
-        return self._step.traces
-
-    @property
-    def batch_sharding(self) -> NamedSharding | None:
-        return self._batch_sh
+        super().__init__(
+            lambda p, fr, b, k: loss_sums(p, fr, b, k, True),
+            lambda p, fr, b: loss_sums(p, fr, b, None, False),
+            tx,
+            grad_accum=grad_accum,
+            mesh=mesh,
+            rules=rules,
+            keyed=True,
+            frozen_shardings=None if mesh is None else self._frozen_sh,
+            **shardings,
+        )
 
     def init(self, model: nnx.Module) -> SFTState:
         """Splits `model` (same structure as at build time), places it, and inits the optimizer.
@@ -609,12 +680,9 @@ class SFTStep:
         """
         _, trainable, frozen = nnx.split(model, self._filter, ...)
         # A copy: the step donates the trainable buffers, the model's arrays must survive.
-        trainable = jax.tree.map(jnp.copy, trainable)
-        if self.mesh is None:
-            return SFTState(trainable, frozen, self.tx.init(trainable))
-        trainable = jax.device_put(trainable, self._param_sh)
-        frozen = jax.device_put(frozen, self._frozen_sh)
-        opt_state = jax.jit(self.tx.init, out_shardings=self._opt_sh)(trainable)
+        trainable, opt_state = self.place(jax.tree.map(jnp.copy, trainable))
+        if self.mesh is not None:
+            frozen = jax.device_put(frozen, self._frozen_sh)
         return SFTState(trainable, frozen, opt_state)
 
     def __call__(
@@ -634,7 +702,7 @@ class SFTStep:
             ``(new_state, metrics)``; metrics: ``loss`` (mean per target token),
             ``grad_norm`` (before clipping), ``tokens`` (targets in the batch).
         """
-        _check_batch(batch, self.grad_accum, self._shards)
+        self.check_batch(batch)
         if key is None:
             if self.dropout:
                 raise StepError(
@@ -642,16 +710,14 @@ class SFTStep:
                     "the step (or build the adapters with dropout=0)"
                 )
             key = jax.random.key(0)
-        batch = put_batch(batch, self._batch_sh)
-        trainable, opt_state, metrics = self._step(
+        trainable, opt_state, metrics = self.apply(
             state.trainable, state.frozen, state.opt_state, batch, key
         )
         return SFTState(trainable, state.frozen, opt_state), metrics
 
     def loss(self, state: SFTState, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Evaluation sums ``(loss_sum, num_targets)`` on one batch (no dropout)."""
-        batch = put_batch(batch, self._batch_sh)
-        return self._eval(state.trainable, state.frozen, batch)
+        return self.eval_sums(state.trainable, state.frozen, batch)
 
     def merge(self, state: SFTState) -> nnx.Module:
         """The model with the state's parameters (arrays shared, not copied)."""

@@ -228,7 +228,7 @@ def test_train_resume_with_other_config_leaves_run_untouched(task, tmp_path, cap
     """A run directory holding another run's config is refused, and nothing in it changes."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    from gti_jax.train.config import load_config, save_config
+    from gti_jax.pipeline import load_config, save_config
 
     save_config(load_config(None, [*task.args, f"run_dir={run_dir}"]), run_dir / "config.yaml")
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}

@@ -15,16 +15,16 @@ import numpy as np
 from flax import nnx
 
 from gti_jax.geometry import effective_rank
-from gti_jax.ground import (
+from gti_jax.models import load_pretrained
+from gti_jax.train.config import GroundConfig
+from gti_jax.train.data import Batcher, Example, encode_examples
+from gti_jax.train.ground import (
     eval_loss,
     ground_optimizer,
     join_new_rows,
     make_ground_step,
     split_new_rows,
 )
-from gti_jax.models import load_pretrained
-from gti_jax.train.config import GroundConfig
-from gti_jax.train.data import Batcher, Example, encode_examples
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
 from gti_jax.vocab.tokens import extend_tokenizer
 

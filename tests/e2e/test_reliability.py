@@ -129,6 +129,7 @@ def test_error_classes_share_one_base_with_two_branches():
     ],
 )
 def test_exit_code_follows_the_type_not_the_message(monkeypatch, capsys, tmp_path, error, code):
+    import gti_jax.pipeline as pipeline
     import gti_jax.train.run as run_mod
 
     def fail(cfg):
@@ -138,7 +139,7 @@ def test_exit_code_follows_the_type_not_the_message(monkeypatch, capsys, tmp_pat
             raise cls(msg, stage="evaluate", log_path=None)
         raise cls(msg)
 
-    monkeypatch.setattr(run_mod, "run", fail)
+    monkeypatch.setattr(pipeline, "run", fail)
     rc, err = _main([f"run_dir={tmp_path / 'run'}"], capsys)
     assert rc == code, err
     assert _one_error_line(err).endswith("is reserved")

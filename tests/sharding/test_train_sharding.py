@@ -13,11 +13,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gti_jax.ground import ground_optimizer, make_ground_step, split_new_rows
 from gti_jax.models import LlamaConfig, LlamaForCausalLM
 from gti_jax.models.sharding import make_mesh, state_shardings
 from gti_jax.train.config import GroundConfig, SFTConfig
 from gti_jax.train.data import Batch, target_positions
+from gti_jax.train.ground import ground_optimizer, make_ground_step, split_new_rows
 from gti_jax.train.lora import apply_lora
 from gti_jax.train.steps import make_sft_step, sft_optimizer
 

@@ -1,4 +1,4 @@
-"""GTI grounding: only the new rows train (gti_jax.ground), and the masked loss."""
+"""GTI grounding: only the new rows train (gti_jax.train.ground), and the masked loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-from gti_jax.ground import (
+from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.train.config import GroundConfig
+from gti_jax.train.data import Batch, target_positions
+from gti_jax.train.ground import (
     GroundError,
     GroundParams,
     eval_loss,
@@ -20,9 +23,6 @@ from gti_jax.ground import (
     shared_prefix,
     split_new_rows,
 )
-from gti_jax.models import LlamaConfig, LlamaForCausalLM
-from gti_jax.train.config import GroundConfig
-from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.steps import hidden_lm_loss, lr_schedule, masked_lm_loss
 
 VOCAB, DIM = 64, 16

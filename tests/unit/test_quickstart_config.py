@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from gti_jax.train.config import config_to_dict, load_config
+from gti_jax.pipeline import config_to_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

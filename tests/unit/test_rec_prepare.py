@@ -9,12 +9,13 @@ import pytest
 from flax import nnx
 
 from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.pipeline import load_config
 from gti_jax.rec import data as rd
+from gti_jax.rec.config import RecConfig
 from gti_jax.rec.embed import item_embeddings
 from gti_jax.rec.prepare import OUTPUT_FILES, PrepareError, prepare
 from gti_jax.rec.prompts import code_token
 from gti_jax.rec.semantic_ids import load_semantic_ids
-from gti_jax.train.config import RecConfig, load_config
 from tests.helpers.tokenizers import tiny_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "rec"

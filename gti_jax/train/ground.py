@@ -25,7 +25,7 @@ Typical use:
 
 from __future__ import annotations
 
-import functools
+import time
 from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
@@ -34,27 +34,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from gti_jax.errors import BadInput
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
+from gti_jax.train.checkpoint import save_rows
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batch
+from gti_jax.train.loop import (
+    NanGuard,
+    StageContext,
+    compute_dtype,
+    guard_optimizer,
+    host,
+    log_line,
+    train_loop,
+)
 from gti_jax.train.steps import (
-    _batch_shards,
-    _check_batch,
-    _Compiled,
-    accumulate_grads,
+    CompiledStep,
     adamw_optimizer,
-    batch_sharding,
     hidden_lm_loss,
-    opt_state_shardings,
-    put_batch,
     set_compute_dtype,
 )
 
 __all__ = [
     "GroundError",
+    "ground_stage",
     "GroundParams",
     "GroundStep",
     "eval_loss",
@@ -191,14 +196,14 @@ def _update_raw(table, rows, start, axis):
     return jax.lax.dynamic_update_slice(table, rows.astype(table.dtype), idx)
 
 
-_update = jax.jit(_update_raw, static_argnames=("start", "axis"))
-
-
 def _update_rows(table: jax.Array, rows: jax.Array, start: int, axis: int) -> jax.Array:
+    # jitted where called, as in lora.merge_lora (jax reuses the compilation for the same
+    # function and shapes): no module-level compiled function
     sharding = _rows_sharding(table)
-    if sharding is None or isinstance(table, jax.core.Tracer):
-        return _update(table, rows, start, axis)
-    fn = jax.jit(_update_raw, static_argnames=("start", "axis"), out_shardings=sharding)
+    kw = {}
+    if sharding is not None and not isinstance(table, jax.core.Tracer):
+        kw = {"out_shardings": sharding}
+    fn = jax.jit(_update_raw, static_argnames=("start", "axis"), **kw)
     return fn(table, rows, start=start, axis=axis)
 
 
@@ -353,6 +358,7 @@ def _ground_head(model, params, start, h):
     new_logits = jnp.einsum(
         "btd,nd->btn", h.astype(dtype), rows.astype(dtype), preferred_element_type=jnp.float32
     )
+    new_logits = model.finish_logits(new_logits)  # the family's soft-cap (Gemma 3), if any
     return jax.lax.dynamic_update_slice(logits, new_logits, (0, 0, start))
 
 
@@ -424,7 +430,7 @@ def ground_optimizer(
     )
 
 
-class GroundStep:
+class GroundStep(CompiledStep):
     """A compiled grounding step; build it with :func:`make_ground_step`.
 
     Call it as ``params, opt_state, metrics = step(params, opt_state, batch)``. The frozen
@@ -469,13 +475,12 @@ class GroundStep:
                 "vocabulary before grounding"
             )
         self.graphdef, self.start, self.num_new, self.tied = graphdef, start, n, bool(tied)
-        self.tx, self.mesh, self.rules, self.grad_accum = tx, mesh, rules, int(grad_accum)
         self.compute_dtype = compute_dtype
         self.split_prefix = bool(split_prefix)
         self.max_prefix = None if max_prefix is None else int(max_prefix)
         dim = model.config.hidden_size
 
-        def loss_fn(params, batch, key, frozen, prefix=0):
+        def loss(params, frozen, batch, prefix=0):
             return _loss_sums(
                 graphdef,
                 frozen,
@@ -486,56 +491,30 @@ class GroundStep:
                 prefix=prefix,
             )
 
-        def step(params, frozen, opt_state, batch, prefix):
-            f = lambda p, b, k: loss_fn(p, b, k, frozen, prefix)
-            loss, count, grads = accumulate_grads(f, params, batch, self.grad_accum)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-            return params, opt_state, metrics
-
-        def evaluate(params, frozen, batch):
-            return loss_fn(params, batch, None, frozen)
-
-        if mesh is None:
-            self.frozen_state = frozen_state
-            self._param_sh = self._opt_sh = self._batch_sh = None
-            self._step = _Compiled(step, donate_argnums=(0, 2), static_argnums=(4,))
-            self._eval = _Compiled(evaluate)
-        else:
+        shardings = {}
+        self.frozen_state = frozen_state
+        if mesh is not None:
             frozen_sh = state_shardings(frozen_state, mesh, rules)
             self.frozen_state = jax.device_put(frozen_state, frozen_sh)
             rows = NamedSharding(mesh, logical_to_spec((None, "embed"), rules, mesh, (n, dim)))
-            self._param_sh = GroundParams(rows, None if tied else rows)
-            abstract = GroundParams(
-                jax.ShapeDtypeStruct((n, dim), jnp.float32),
-                None if tied else jax.ShapeDtypeStruct((n, dim), jnp.float32),
+            shardings = dict(
+                param_shardings=GroundParams(rows, None if tied else rows),
+                frozen_shardings=frozen_sh,
+                abstract_params=GroundParams(
+                    jax.ShapeDtypeStruct((n, dim), jnp.float32),
+                    None if tied else jax.ShapeDtypeStruct((n, dim), jnp.float32),
+                ),
             )
-            self._opt_sh = opt_state_shardings(tx, abstract, self._param_sh, mesh)
-            self._batch_sh = batch_sharding(mesh, rules)
-            repl = NamedSharding(mesh, PartitionSpec())
-            batch_sh = self._batch_sh  # a prefix: every field of the batch, targets or not
-            self._step = _Compiled(
-                step,
-                in_shardings=(self._param_sh, frozen_sh, self._opt_sh, batch_sh),
-                out_shardings=(self._param_sh, self._opt_sh, repl),
-                donate_argnums=(0, 2),
-                static_argnums=(4,),
-            )
-            self._eval = _Compiled(
-                evaluate,
-                in_shardings=(self._param_sh, frozen_sh, batch_sh),
-                out_shardings=(repl, repl),
-            )
-        self._shards = _batch_shards(mesh, rules)
-
-    @property
-    def traces(self) -> int:
-        return self._step.traces
-
-    @property
-    def batch_sharding(self) -> NamedSharding | None:
-        return self._batch_sh
+        super().__init__(
+            loss,
+            lambda params, frozen, batch: loss(params, frozen, batch),
+            tx,
+            grad_accum=grad_accum,
+            mesh=mesh,
+            rules=rules,
+            keyed=False,
+            **shardings,
+        )
 
     @property
     def new_ids(self) -> range:
@@ -553,10 +532,7 @@ class GroundStep:
             raise GroundError(f"params.embed must be [{self.num_new}, D], got {params.embed.shape}")
         if self.tied != (params.head is None):
             raise GroundError("params.head must be None exactly when the model is tied")
-        if self.mesh is None:
-            return params, self.tx.init(params)
-        params = jax.device_put(params, self._param_sh)
-        return params, jax.jit(self.tx.init, out_shardings=self._opt_sh)(params)
+        return self.place(params)
 
     def __call__(
         self, params: GroundParams, opt_state: Any, batch: Batch
@@ -572,10 +548,8 @@ class GroundStep:
             ``(params, opt_state, metrics)``; metrics: ``loss`` (mean per target token),
             ``grad_norm`` (before clipping), ``tokens`` (targets in the batch).
         """
-        _check_batch(batch, self.grad_accum, self._shards)
-        prefix = self.prefix_for(batch)
-        batch = put_batch(batch, self._batch_sh)
-        return self._step(params, self.frozen_state, opt_state, batch, prefix)
+        self.check_batch(batch)
+        return self.apply(params, self.frozen_state, opt_state, batch, self.prefix_for(batch))
 
     def prefix_for(self, batch: Batch) -> int:
         """The gradient-free prefix the step uses for `batch` (:func:`grad_free_prefix`).
@@ -603,8 +577,7 @@ class GroundStep:
 
     def loss(self, params: GroundParams, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """Evaluation sums ``(loss_sum, num_targets)`` on one batch."""
-        batch = put_batch(batch, self._batch_sh)
-        return self._eval(params, self.frozen_state, batch)
+        return self.eval_sums(params, self.frozen_state, batch)
 
 
 def make_ground_step(
@@ -674,11 +647,6 @@ def make_ground_step(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "start", "compute_dtype"))
-def _eval_sums(graphdef, frozen, params, batch, *, start, compute_dtype):
-    return _loss_sums(graphdef, frozen, params, batch, start=start, compute_dtype=compute_dtype)
-
-
 def eval_loss(
     graphdef: Any,
     frozen_state: Any,
@@ -705,12 +673,108 @@ def eval_loss(
         >>> eval_loss(graphdef, state, params, [batcher.batch_at(0)], new_ids)  # doctest: +SKIP
         2.31
     """
-    start, _ = _check_ids(new_ids)
-    dtype = jnp.dtype(compute_dtype).name
+    # the evaluation of a grounding step (compiled once here, for these batches' shapes)
+    step = GroundStep(
+        graphdef,
+        frozen_state,
+        new_ids,
+        optax.identity(),
+        tied=params.head is None,
+        compute_dtype=compute_dtype,
+        grad_accum=1,
+        mesh=None,
+        rules=LOGICAL_RULES,
+    )
     total, count = 0.0, 0.0
     for batch in batches:
-        s, n = _eval_sums(
-            graphdef, frozen_state, params, put_batch(batch), start=start, compute_dtype=dtype
-        )
+        s, n = step.loss(params, batch)
         total, count = total + float(s), count + float(n)
     return total / count if count else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# The stage of a run.
+# --------------------------------------------------------------------------------------------
+
+
+def _ground_state_tree(params, opt_state):
+    p = (
+        {"embed": params.embed}
+        if params.head is None
+        else {"embed": params.embed, "head": params.head}
+    )
+    return {"params": p, "opt": opt_state}
+
+
+def ground_stage(ctx: StageContext, model, new_range, tied, examples, token_info):
+    """The grounding stage of a run: ``ground.steps`` steps on the new rows (resumed from the
+    newest grounding checkpoint), then the grounded rows written alone (``export.rows``).
+
+    Returns:
+      The model with the grounded rows joined into its tables.
+    """
+    cfg, ckpt, log, mesh, rules = ctx.cfg, ctx.ckpt, ctx.log, ctx.mesh, ctx.rules
+    latest, latest_meta, run_dir, writer = ctx.latest, ctx.latest_meta, ctx.run_dir, ctx.writer
+    G = cfg.ground.steps
+    t0 = time.perf_counter()
+    graphdef, state = nnx.split(model)
+    tx = guard_optimizer(ground_optimizer(cfg.ground))
+    step_fn = make_ground_step(
+        graphdef,
+        state,
+        new_range,
+        tx,
+        tied=tied,
+        compute_dtype=compute_dtype(cfg.ground.compute_dtype),
+        grad_accum=cfg.ground.grad_accum,
+        mesh=mesh,
+        rules=rules,
+        max_prefix=shared_prefix((ids for ids, _ in examples), new_range),
+    )
+    params, opt_state = step_fn.init(split_new_rows(state, new_range, tied=tied))
+    start, resumed_meta = 0, None
+    if latest_meta is not None and latest_meta.get("stage") == "ground":
+        restored, resumed_meta = ckpt.restore(latest, target=_ground_state_tree(params, opt_state))
+        params = GroundParams(restored["params"]["embed"], restored["params"].get("head"))
+        opt_state = restored["opt"]
+        start = int(resumed_meta["step"])
+        log_line(f"resumed grounding at step {start}/{G} from {ckpt.directory}")
+    log.truncate_metrics("ground", start)
+    guard = NanGuard(cfg, "ground", 0, resumed_meta)
+
+    def step_once(carry, batch, step):
+        p, o, metrics = step_fn(*carry, batch)
+        return (p, o), metrics
+
+    params, opt_state = train_loop(
+        ctx,
+        "ground",
+        (params, opt_state),
+        step_once,
+        tree=lambda c: _ground_state_tree(*c),
+        opt_state_of=lambda c: c[1],
+        total=G,
+        offset=0,
+        start=start,
+        examples=examples,
+        batch_size=cfg.ground.batch_size,
+        data_seed=cfg.seed,
+        guard=guard,
+        last_saved=start if start else None,
+    )
+    state = join_new_rows(state, params, new_range, tied=tied)
+    if cfg.export.rows:
+        rows = host(params.embed).astype(np.float32)  # every process (collective)
+        head = None if tied else host(params.head).astype(np.float32)
+    if writer and cfg.export.rows:
+        meta = {
+            "model": str(cfg.model),
+            "new_ids": token_info["new_ids"],
+            "tokens": token_info["tokens"],
+            "tied": tied,
+        }
+        save_rows(run_dir / "grounded_rows.safetensors", rows, {**meta, "part": "embed"})
+        if not tied:
+            save_rows(run_dir / "grounded_head_rows.safetensors", head, {**meta, "part": "head"})
+    log.finish("ground", time.perf_counter() - t0, steps=G, **guard.row(), **guard.meta())
+    return nnx.merge(graphdef, state)
