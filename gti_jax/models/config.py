@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from gti_jax.errors import BadInput
+from gti_jax.errors import ConfigError
 
 __all__ = ["LlamaConfig", "ConfigError", "SUPPORTED_MODEL_TYPES"]
 
@@ -35,10 +35,6 @@ _ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-class ConfigError(BadInput):
-    """A model config uses a feature or value this implementation does not support."""
 
 
 def _freeze(x: Any) -> Any:

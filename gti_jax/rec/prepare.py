@@ -34,9 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,9 +43,11 @@ from typing import Any
 import numpy as np
 
 from gti_jax import config as engine
+from gti_jax import metrics
 from gti_jax.errors import BadInput
+from gti_jax.io.atomic import atomic_dir
 from gti_jax.rec import data as rd
-from gti_jax.rec import metrics, prompts
+from gti_jax.rec import prompts
 from gti_jax.rec import semantic_ids as sem
 from gti_jax.rec.config import PrepareConfig, RecConfig, check_prepare, check_rec
 
@@ -374,20 +374,12 @@ def prepare(
 
     t0 = time.perf_counter()
     written = _subsample(split, rec, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # replaces an empty `out` (all _check_existing allows)
         paths, new_tokens = _write_files(tmp, rec, ds, written, sids, x, seed, max_len)
         stats = _stats(recorded, rec, (raw, ds, split, written), sids, x, paths, new_tokens)
         text = json.dumps(stats, indent=2, ensure_ascii=False) + "\n"
         (tmp / OUTPUT_FILES["stats"]).write_text(text, encoding="utf-8")
         _relax_permissions(tmp)
-        if out.exists():
-            out.rmdir()  # _check_existing allowed only an empty directory
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     times["write"] = time.perf_counter() - t0
     _log(verbose, "done in " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     return _paths(out)

@@ -31,8 +31,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gti_jax.metrics import popularity_baseline, retrieval_metrics, valid_rate
 from gti_jax.models.decode import TrieConstraint, beam_search, generate
-from gti_jax.rec.metrics import popularity_baseline, retrieval_metrics, valid_rate
 from gti_jax.train.data import (
     Batch,
     Batcher,

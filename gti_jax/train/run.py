@@ -61,6 +61,7 @@ from gti_jax.config import walk_keys
 from gti_jax.errors import GtiError, RunFailed
 from gti_jax.models.hf import CheckpointMismatchError
 from gti_jax.models.sharding import logical_to_spec, make_mesh
+from gti_jax.models.source import ModelSourceError, resolve_source
 from gti_jax.train.checkpoint import Checkpointer, NoVerifiedCheckpointError
 from gti_jax.train.config import TrainConfig, config_to_dict, save_config
 from gti_jax.train.ground import ground_stage
@@ -251,23 +252,11 @@ def _comparable(d: dict, whole: frozenset[str], prefix: str = "") -> dict:
 
 
 def _check_model(name: str) -> None:
-    p = Path(name)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise TrainError(
-                f"model={name}: the directory has no config.json; give a Hugging Face checkpoint directory, a .gguf file or an alias"
-            )
-        return
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise TrainError(f"model={name}: no such .gguf file")
-        return
-    from gti_jax.models.gguf import ALIASES, resolve_alias
-
-    if resolve_alias(name) is None:
-        raise TrainError(
-            f"model={name}: not a checkpoint directory, a .gguf file or an alias ({', '.join(ALIASES)})"
-        )
+    """A model that does not resolve (HF directory, .gguf file or alias) is bad input."""
+    try:
+        resolve_source(name, label=f"model={name}")
+    except ModelSourceError as e:
+        raise TrainError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------

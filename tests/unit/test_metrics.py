@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gti_jax.rec.metrics import (
+from gti_jax.metrics import (
     ndcg_at_k,
     popularity_baseline,
     popularity_ranking,
