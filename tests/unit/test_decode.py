@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from gti_jax.models import LlamaConfig, LlamaForCausalLM, load_hf_dir
+from gti_jax.models import LlamaForCausalLM, load_hf_dir
 from gti_jax.models import decode as dec
 from gti_jax.models.decode import (
     DecodeError,
@@ -22,7 +22,7 @@ from gti_jax.models.decode import (
     generate,
     score_sequences,
 )
-from tests.helpers.hf_models import make_tiny_hf_model
+from tests.helpers.hf_models import make_tiny_hf_model, tiny_llama
 
 V = 48
 PROMPTS = [[5, 9, 2, 7, 11], [3], [8, 8, 1]]
@@ -31,16 +31,9 @@ N = 4  # new tokens: one value everywhere, so tests share compiled functions
 
 def _model(seed: int = 0, head_scale: float = 40.0) -> LlamaForCausalLM:
     """A tiny random model whose head is scaled so next-token distributions are peaked."""
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
+    model = tiny_llama(
+        V, hidden_size=32, intermediate_size=64, layers=2, heads=4, kv_heads=2, seed=seed
     )
-    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
     model.lm_head.kernel[...] = model.lm_head.kernel[...] * head_scale
     return model
 

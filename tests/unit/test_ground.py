@@ -20,26 +20,18 @@ from gti_jax.ground import (
     shared_prefix,
     split_new_rows,
 )
-from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.models import LlamaForCausalLM
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.steps import hidden_lm_loss, lr_schedule, masked_lm_loss
+from tests.helpers.hf_models import tiny_llama
 
 VOCAB, DIM = 64, 16
 NEW = range(52, 60)  # rows 60..63 are padding rows that stay frozen
 
 
 def _model(tied: bool, seed: int = 0) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=DIM,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    return tiny_llama(VOCAB, hidden_size=DIM, tied=tied, seed=seed)
 
 
 def _batch(seed: int = 0, b: int = 4, t: int = 12) -> Batch:

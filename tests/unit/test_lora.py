@@ -8,27 +8,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.models import LlamaForCausalLM
 from gti_jax.train.config import SFTConfig
 from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.lora import LoRAError, LoRAParam, apply_lora, lora_modules, merge_lora
 from gti_jax.train.steps import StepError, make_sft_step, sft_optimizer
+from tests.helpers.hf_models import tiny_llama
 
 VOCAB = 48
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _model(tied: bool = True) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    return tiny_llama(VOCAB, intermediate_size=24, tied=tied)
 
 
 def _batch(seed: int = 0, b: int = 4, t: int = 10) -> Batch:
