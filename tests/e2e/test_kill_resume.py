@@ -31,7 +31,6 @@ import pytest
 
 from gti_jax.train.checkpoint import load_rows
 from tests.helpers.tiny_task import (
-    make_tiny_task,
     results_without_timing,
     sha256,
     train_command,
@@ -43,11 +42,6 @@ EXTRA = (f"ground.steps={G}", f"sft.steps={S}", "log_every=1", "checkpoint.every
 # A step is resumable once gti_jax seals it with its checksum manifest (written after orbax
 # finalized the save); orbax's own marker alone may be a save killed before it was sealed.
 SEALED = "gti_checksums.json"
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
 
 
 def _args(task, run_dir, *more):

@@ -23,39 +23,13 @@ import pytest
 import gti_jax.io.safetensors as st_io
 from gti_jax.errors import BadInput, GtiError, RunFailed
 from gti_jax.train.__main__ import main
-from tests.helpers.tiny_task import make_tiny_task, train_command, train_env
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
+from tests.helpers.tiny_task import train_command, train_env
 
 
 def _args(task, run_dir, *extra, ground=0, sft=0, eval_=False, candidates=False):
     """Overrides running only the stages asked for (later `extra` ones win)."""
-    args = [
-        f"model={task.model}",
-        f"data.tokens={task.tokens}",
-        f"ground.steps={ground}",
-        f"sft.steps={sft}",
-        "ground.lr=0.01",
-        "ground.batch_size=4",
-        "sft.batch_size=4",
-        "eval.beams=6",
-        "eval.k=[1,3]",
-        "eval.max_new_tokens=4",
-        "checkpoint.every=2",
-        "log_every=2",
-        "pad_to_multiple_of=8",
-        f"run_dir={run_dir}",
-    ]
-    if sft:
-        args.append(f"data.sft={task.sft}")
-    if eval_:
-        args.append(f"data.eval={task.eval}")
-    if candidates:
-        args.append(f"data.candidates={task.candidates}")
-    return [*args, *extra]
+    stages = task.stage_args(ground=ground, sft=sft, eval_=eval_, candidates=candidates)
+    return [*stages, f"run_dir={run_dir}", *extra]
 
 
 def _one_error_line(err: str) -> str:
