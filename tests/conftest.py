@@ -46,10 +46,11 @@ _SMOLLM2 = "smollm2-135m"
 @pytest.fixture(autouse=True, scope="session")
 def _read_smollm2_once():
     """Reading and dequantizing the real model's GGUF takes tens of seconds on 2 cores, and
-    several tests and a docstring example read it. For the whole session,
-    ``gti_jax.models.gguf.load_gguf("smollm2-135m")`` (the alias, nothing else) reads the
-    file the first time it is called and returns that same result afterwards; every other
-    path is read as usual. Nothing is read until a test asks for the model."""
+    several tests read it (directly or through ``load_pretrained``). For the tests under
+    tests/, ``gti_jax.models.gguf.load_gguf("smollm2-135m")`` (the alias, nothing else)
+    reads the file the first time it is called and returns that same result afterwards;
+    every other path is read as usual. Nothing is read until a test asks for the model.
+    (gti_jax/'s docstring examples are outside this conftest's reach: they read it again.)"""
     from gti_jax.models import gguf
 
     real, cache = gguf.load_gguf, {}
