@@ -19,27 +19,13 @@ from gti_jax.train.run import run
 from tests.helpers.tiny_task import (
     REPO,
     TOKENS,
+    capture_export,
     results_without_timing,
     sha256,
 )
 
 _sha = sha256
 _results = results_without_timing
-
-
-def _capture_export(monkeypatch) -> dict:
-    """Records the model the trainer hands to the export (its final in-memory model)."""
-    import gti_jax.models as models
-
-    seen = {}
-    real = models.export_hf_dir
-
-    def export(model, *args, **kwargs):
-        seen["model"] = model
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(models, "export_hf_dir", export)
-    return seen
 
 
 def _assert_export_logits_match(jax_model, export_dir):
@@ -154,7 +140,7 @@ def test_grounding_changes_only_new_rows(full_run, task, monkeypatch):
     export reloaded in transformers gives the grounded model's logits."""
     from gti_jax.io.safetensors import load_dir_tensors
 
-    seen = _capture_export(monkeypatch)
+    seen = capture_export(monkeypatch)
 
     # a grounding-only run: nothing else may change
     base = load_dir_tensors(task.model)
@@ -250,15 +236,11 @@ def test_help_lists_keys(capsys):
         assert key in out
 
 
-def test_lora_run_exports_merged_model(task, tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    seen = _capture_export(monkeypatch)
-    cfg = load_config(
-        None,
-        task.args
-        + [f"run_dir={run_dir}", "sft.lora_rank=4", "ground.steps=2", "sft.steps=3", "sft.lr=0.01"],
-    )
-    run(cfg)
+def test_lora_run_exports_merged_model(task, full_run, tiny_run_model):
+    """The tiny run fine-tunes with LoRA (the default, rank 8): its export holds the base
+    model's tensor names only, with the adapters merged into the kernels, and computes the
+    trainer's final logits."""
+    run_dir = full_run
     from gti_jax.io.safetensors import load_dir_tensors
 
     names = set(load_dir_tensors(run_dir / "export"))
@@ -268,4 +250,4 @@ def test_lora_run_exports_merged_model(task, tmp_path, monkeypatch):
     new = load_dir_tensors(run_dir / "export")
     changed = [n for n in base if "q_proj.weight" in n and not np.array_equal(new[n], base[n])]
     assert changed  # LoRA updates were merged into the kernels
-    _assert_export_logits_match(seen["model"], run_dir / "export")
+    _assert_export_logits_match(tiny_run_model, run_dir / "export")

@@ -28,6 +28,7 @@ __all__ = [
     "SETTINGS",
     "TOKENS",
     "TinyTask",
+    "capture_export",
     "make_tiny_task",
     "results_without_timing",
     "sha256",
@@ -165,3 +166,19 @@ def results_without_timing(run_dir: str | os.PathLike) -> dict:
     r = json.loads((Path(run_dir) / "results.json").read_text())
     r.pop("wall_seconds", None)
     return r
+
+
+def capture_export(monkeypatch) -> dict:
+    """Records the model the trainer hands to the export (its final in-memory model) under
+    the key "model" of the returned dict."""
+    import gti_jax.models as models
+
+    seen = {}
+    real = models.export_hf_dir
+
+    def export(model, *args, **kwargs):
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "export_hf_dir", export)
+    return seen
