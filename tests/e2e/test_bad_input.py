@@ -368,6 +368,7 @@ def test_extend_bad_input(task, short_model, tmp_path, capsys, case):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess
 def test_train_subprocess_bad_token_file(task, tmp_path):
     bad = _write(tmp_path / "bad.jsonl", "{oops\n")
     run_dir = tmp_path / "run"
@@ -383,6 +384,7 @@ def test_train_subprocess_bad_token_file(task, tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_extend_subprocess_would_shrink(task, short_model, tmp_path):
     out = tmp_path / "out"
     tokens = _tokens(tmp_path, [{"token": "<x_1>"}])

@@ -133,6 +133,7 @@ def test_qwen2_spare_rows_are_used_without_growth(models, tmp_path):
     )  # the tokens fit in the padding
 
 
+@pytest.mark.slow  # a subprocess
 def test_extend_cli_subprocess_mean_cov(models, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run(

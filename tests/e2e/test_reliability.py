@@ -165,6 +165,7 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.slow  # a trainer subprocess
 def test_baseline_without_training_writes_and_keeps_results(task, tmp_path, umask_022):
     """``python -m gti_jax.train`` with ground.steps=0 sft.steps=0 and token, eval and
     candidate files: initialize, don't train, evaluate. It used to fail drawing loss.png and
@@ -190,6 +191,7 @@ def test_baseline_without_training_writes_and_keeps_results(task, tmp_path, umas
     assert _mode(run_dir / "results.json") == 0o644
 
 
+@pytest.mark.slow  # trains or evaluates
 @pytest.mark.parametrize("init", ["mean_noise", "mean_cov", "normal", "description"])
 def test_evaluate_only_with_any_init(task, tmp_path, capsys, init):
     run_dir = tmp_path / "run"
@@ -201,6 +203,7 @@ def test_evaluate_only_with_any_init(task, tmp_path, capsys, init):
     assert not (run_dir / "loss.png").exists()
 
 
+@pytest.mark.slow  # trains or evaluates
 def test_ground_only(task, tmp_path, capsys, umask_022):
     run_dir = tmp_path / "run"
     rc, err = _main(_args(task, run_dir, "export.hf=false", ground=4), capsys)
@@ -213,6 +216,7 @@ def test_ground_only(task, tmp_path, capsys, umask_022):
     assert not _temporaries(run_dir)
 
 
+@pytest.mark.slow  # trains or evaluates
 def test_sft_only(task, tmp_path, capsys):
     run_dir = tmp_path / "run"
     rc, err = _main(_args(task, run_dir, "export.hf=false", sft=4), capsys)
@@ -304,6 +308,7 @@ def test_disk_full_writing_the_export(task, tmp_path, capsys, monkeypatch):
     assert tensors["model.embed_tokens.weight"].shape[0] % 8 == 0
 
 
+@pytest.mark.slow  # trains or evaluates
 def test_disk_full_writing_a_checkpoint(task, tmp_path, capsys, monkeypatch):
     """The checkpoint of step 4 fails half-way (its meta file cannot be written): step 2
     stays the newest complete checkpoint, and the re-run resumes from it."""

@@ -10,6 +10,8 @@ from gti_jax.train.config import load_config
 from gti_jax.train.run import run
 from tests.helpers.tiny_task import TOKENS
 
+pytestmark = pytest.mark.slow  # a trainer run
+
 
 def _segments(ids, first_target):
     return {

@@ -15,9 +15,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gti_jax.models.decode import beam_search, generate, score_sequences
 from tests.helpers.numpy_llama import perplexity as numpy_perplexity
+
+pytestmark = pytest.mark.slow  # the real model: numpy forward pass, decoding
 
 PARAGRAPH = (
     "The sun rises in the east and sets in the west. Every morning, people wake up, "

@@ -135,6 +135,7 @@ def test_retrieval_metrics_equal_an_independent_ranking(full_run, task):
     assert r["valid_rate"] == 1.0  # all six hypotheses of each prompt are candidates
 
 
+@pytest.mark.slow  # trainer runs
 def test_grounding_changes_only_new_rows(full_run, task, monkeypatch):
     """Old rows of the exported embedding and head equal the base model's old rows, and the
     export reloaded in transformers gives the grounded model's logits."""
@@ -162,6 +163,7 @@ def test_grounding_changes_only_new_rows(full_run, task, monkeypatch):
     _assert_export_logits_match(seen["model"], out_dir / "export")
 
 
+@pytest.mark.slow  # trainer runs
 def test_resume_equals_uninterrupted(full_run, task, tmp_path):
     """Stopping four times, each time re-running the same command: during grounding at a
     checkpoint step (2) and between checkpoints (3, one step after resuming), during
@@ -186,6 +188,7 @@ def test_resume_equals_uninterrupted(full_run, task, tmp_path):
     assert _results(run_dir) == _results(full_run)
 
 
+@pytest.mark.slow  # trainer runs
 def test_sigterm_saves_checkpoint_and_resumes(task, full_run, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [

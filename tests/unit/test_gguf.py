@@ -140,6 +140,7 @@ def test_tokenizer_save_and_reload(smollm, tmp_path):
     assert (again.eos_token_id, again.pad_token_id, again.bos_token_id) == (2, 2, 1)
 
 
+@pytest.mark.slow  # numpy forward passes of the real model
 def test_perplexity_and_greedy_paris(smollm):
     cfg, w, tok = smollm
     ids = np.array(tok.encode(SENTENCE))
@@ -152,6 +153,7 @@ def test_perplexity_and_greedy_paris(smollm):
     assert tok.decode(ids[5:]).startswith(" Paris")
 
 
+@pytest.mark.slow  # numpy forward passes of the real model
 def test_without_qk_unpermute_perplexity_is_much_worse(smollm):
     cfg, w, tok = smollm
     raw = dict(w)
