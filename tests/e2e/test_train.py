@@ -2,11 +2,6 @@
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +12,6 @@ from gti_jax.train.__main__ import main
 from gti_jax.train.config import load_config
 from gti_jax.train.run import run
 from tests.helpers.tiny_task import (
-    REPO,
     TOKENS,
     capture_export,
     results_without_timing,
@@ -186,42 +180,6 @@ def test_resume_equals_uninterrupted(full_run, task, tmp_path):
         full_run / "export" / "model.safetensors"
     )
     assert _results(run_dir) == _results(full_run)
-
-
-@pytest.mark.slow  # trainer runs
-def test_sigterm_saves_checkpoint_and_resumes(task, full_run, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "gti_jax.train",
-        *task.args,
-        f"run_dir={run_dir}",
-        "ground.steps=400",
-        "checkpoint.every=1000",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and not (
-        metrics.is_file() and metrics.read_text().count("\n") >= 2
-    ):
-        time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=240)
-    assert p.returncode == 75, err[-2000:]
-    assert "re-run the same command to resume" in err
-    m = re.search(r"stopped during grounding after step (\d+)/400", err)
-    assert m, err[-2000:]
-    stopped = int(m.group(1))
-    steps = [int(d.name) for d in (run_dir / "checkpoints").iterdir() if d.name.isdigit()]
-    assert max(steps) == stopped < 400  # the checkpoint of the step it stopped after
-    # the same command resumes from that checkpoint and finishes
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed grounding at step {stopped}/400" in r.stderr, r.stderr[-3000:]
-    assert (run_dir / "results.json").is_file() and (run_dir / "export").is_dir()
 
 
 def test_help_lists_keys(capsys):
