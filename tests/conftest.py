@@ -87,3 +87,14 @@ def smollm2(smollm2_gguf):
 
     model, tok = load_pretrained(_SMOLLM2)
     return model, copy.deepcopy(tok)
+
+
+# gti_jax/'s docstring examples that read the real model (tens of seconds each on 2 cores):
+# slow, like the tests that do. (This hook sees every collected item, doctests included.)
+_SLOW_DOCTESTS = {"gti_jax.models.gguf.load_gguf", "gti_jax.models.gguf.gguf_metadata"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and item.name in _SLOW_DOCTESTS:
+            item.add_marker(pytest.mark.slow)
