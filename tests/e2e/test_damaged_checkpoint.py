@@ -22,8 +22,9 @@ from tests.helpers.tiny_task import results_without_timing, sha256
 # three trainer runs
 pytestmark = pytest.mark.slow
 
-# the tiny task's own settings (checkpoints every 2 steps), every checkpoint kept
-EXTRA = ("checkpoint.keep=9",)
+# the tiny task's own settings (checkpoints every 2 steps), every checkpoint kept, and the
+# loss logged at every step like the reference run (tiny_run)
+EXTRA = ("checkpoint.keep=9", "log_every=1")
 
 
 @pytest.fixture
