@@ -44,6 +44,7 @@ def full_run(tiny_run):
     return tiny_run
 
 
+@pytest.mark.slow  # the session's whole tiny run
 def test_full_run_writes_every_artifact(full_run, task):
     r = json.loads((full_run / "results.json").read_text())
     for key in (
@@ -87,6 +88,7 @@ def test_full_run_writes_every_artifact(full_run, task):
     )
 
 
+@pytest.mark.slow  # the session's whole tiny run
 def test_retrieval_metrics_equal_an_independent_ranking(full_run, task):
     """Recall@K, NDCG@K and the valid rate in results.json equal those of a ranking made
     here from the exported model's own scores (transformers, float64 log-softmax).
@@ -197,6 +199,7 @@ def test_help_lists_keys(capsys):
         assert key in out
 
 
+@pytest.mark.slow  # the session's whole tiny run
 def test_lora_run_exports_merged_model(task, full_run, tiny_run_model):
     """The tiny run fine-tunes with LoRA (the default, rank 8): its export holds the base
     model's tensor names only, with the adapters merged into the kernels, and computes the
