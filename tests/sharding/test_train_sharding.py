@@ -22,13 +22,12 @@ from gti_jax.train.lora import apply_lora
 from gti_jax.train.steps import make_sft_step, sft_optimizer
 from tests.helpers.hf_models import tiny_llama
 
+# SPMD programs over 8 fake devices: minutes of compiling on 2 cores
+pytestmark = pytest.mark.slow
+
 VOCAB = 64
 NEW = range(56, 62)
 MESHES = {"2x2x2": {"data": 2, "fsdp": 2, "tensor": 2}, "8x1": {"fsdp": 8, "tensor": 1}}
-# the fast lane runs the 2x2x2 mesh (every axis sharded); 8x1 is marked slow
-MESH_PARAMS = [
-    pytest.param(name, marks=[pytest.mark.slow] if name == "8x1" else []) for name in sorted(MESHES)
-]
 
 
 def _model(tied: bool) -> LlamaForCausalLM:
@@ -90,7 +89,7 @@ def _adam_states(opt):
     ]
 
 
-@pytest.mark.parametrize("mesh_name", MESH_PARAMS)
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
 @pytest.mark.parametrize("tied", [True, False])
 def test_ground_step_sharded_equals_single_device(mesh_name, tied):
     mesh = make_mesh(MESHES[mesh_name])
@@ -163,7 +162,7 @@ def _ref_sft_grads(lora):
     return _run_sft(None, lora, 1, _sgd_keeping_grads())[1:]
 
 
-@pytest.mark.parametrize("mesh_name", MESH_PARAMS)
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_step_sharded_equals_single_device(mesh_name, lora):
     mesh = make_mesh(MESHES[mesh_name])
