@@ -3,7 +3,7 @@
 The trainer calls :func:`record_stage` after each stage (``init``, ``ground``, ``sft``) with
 the embedding table; it writes, under the run directory::
 
-    diagnostics.json                  {stage: diagnostics.summarize(...) + extras, ...}
+    diagnostics.json                  {stage: geometry.summarize(...) + extras, ...}
     diagnostics/cosine_<stage>.npy    [n_old + n_new, n_old + n_new] float32 cosines
     diagnostics/new_cosine_<stage>.npy [M, M] float32 new-new cosines, semantic-ID order
     spectra.png                       normalized spectra of every recorded stage
@@ -13,10 +13,11 @@ the embedding table; it writes, under the run directory::
 
 Each stage dict of ``diagnostics.json`` holds the ``summarize`` keys (``effective_rank``,
 ``stable_rank``, ``mean_cos``, ``max_cos``, ``singular_values``, ``old_effective_rank``,
-``nearest``; ``rsa_pearson`` and ``rsa_spearman`` with code vectors) plus ``rsa_num_tokens``
-and ``plots`` (the ids behind each saved matrix), so every figure is redrawn from the run
-directory alone. Files are written atomically (temporary file, then rename); arrays are
-plain ``.npy`` (no pickle) and the JSON never holds NaN (undefined values are ``null``).
+``nearest``; ``rsa_pearson`` and ``rsa_spearman`` with code vectors) plus ``rsa_num_new``
+(how many new tokens RSA compared; ``rsa_num_tokens`` in older files) and ``plots`` (the
+ids behind each saved matrix), so every figure is redrawn from the run directory alone.
+Files are written atomically (temporary file, then rename); arrays are plain ``.npy`` (no
+pickle) and the JSON never holds NaN (undefined values are ``null``).
 
 Command line::
 
@@ -44,9 +45,10 @@ from typing import Any
 
 import numpy as np
 
-from gti_jax import diagnostics, plots
+from gti_jax import geometry, plots
 from gti_jax.errors import BadInput
 from gti_jax.io.atomic import atomic_write
+from gti_jax.rec.codes import LEVEL_LETTERS, parse_code_token
 
 __all__ = [
     "DiagnoseError",
@@ -69,8 +71,6 @@ _OLD_SAMPLE = 50
 _NEW_SAMPLE = 50
 _NEW_ORDERED = 256
 _RSA_SAMPLE = 2000
-_LEVELS = "abcdefghijklmnopqrstuvwxyz"  # as gti_jax.rec.prompts.LEVEL_LETTERS
-_CODE_TOKEN = re.compile(r"<([a-z])_(\d+)>")
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _EMBED_SUFFIX = "embed_tokens.weight"
 _WIDTHS = (8, 6, 10, 10, 9, 9, 9, 9)
@@ -83,12 +83,6 @@ class DiagnoseError(BadInput):
 # --------------------------------------------------------------------------------------------
 # Semantic-ID tokens -> codebook vectors
 # --------------------------------------------------------------------------------------------
-
-
-def _parse_code_token(token: str) -> tuple[int, int] | None:
-    """``"<b_7>"`` -> ``(1, 7)``; None for anything else."""
-    m = _CODE_TOKEN.fullmatch(token)
-    return None if m is None else (_LEVELS.index(m.group(1)), int(m.group(2)))
 
 
 def token_codebook_vectors(sids: Any, tokens: Sequence[str]) -> np.ndarray | None:
@@ -129,14 +123,14 @@ def token_codebook_vectors(sids: Any, tokens: Sequence[str]) -> np.ndarray | Non
     out = np.full((len(tokens), width), np.nan, np.float32)
     found = 0
     for i, tok in enumerate(tokens):
-        parsed = _parse_code_token(str(tok))
+        parsed = parse_code_token(str(tok))
         if parsed is None or parsed[0] >= len(books):
             continue
         level, code = parsed
         book = books[level]
         if code >= book.shape[0]:
             raise DiagnoseError(
-                f"token {tok!r} has code {code} but level {_LEVELS[level]!r} has only "
+                f"token {tok!r} has code {code} but level {LEVEL_LETTERS[level]!r} has only "
                 f"{book.shape[0]} codes; pass the codebook directory the tokens were made from."
             )
         out[i] = 0.0
@@ -149,7 +143,7 @@ def _semantic_order(tokens: Sequence[str]) -> np.ndarray:
     """Positions sorted by (level, code); tokens that are not ``<x_c>`` go last, in order."""
     keys = []
     for i, tok in enumerate(tokens):
-        parsed = _parse_code_token(str(tok))
+        parsed = parse_code_token(str(tok))
         keys.append((0, *parsed, i) if parsed is not None else (1, 0, 0, i))
     return np.asarray([k[-1] for k in sorted(keys)], np.int64)
 
@@ -157,10 +151,6 @@ def _semantic_order(tokens: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Small file helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    atomic_write(path, write, binary=True)
 
 
 def _jsonable(x: Any) -> Any:
@@ -180,11 +170,11 @@ def _jsonable(x: Any) -> Any:
 
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n"
-    _atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), binary=True)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    _atomic_write_bytes(path, lambda f: np.save(f, arr, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), binary=True)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -273,9 +263,9 @@ def _rsa_part(code: np.ndarray, e_new: np.ndarray) -> dict[str, Any]:
     rows = np.flatnonzero(np.all(np.isfinite(code), axis=1))
     out: dict[str, Any] = {"rsa_pearson": None, "rsa_spearman": None}
     rows = rows[_spread(rows.size, _RSA_SAMPLE)]
-    out["rsa_num_tokens"] = int(rows.size)
+    out["rsa_num_new"] = int(rows.size)
     if rows.size >= 3:
-        r = diagnostics.rsa(code[rows], e_new[rows])
+        r = geometry.rsa(code[rows], e_new[rows])
         out.update({k: (v if math.isfinite(v) else None) for k, v in r.items()})
     return out
 
@@ -295,7 +285,7 @@ def record_stage(
 ) -> dict[str, Any]:
     """Computes the diagnostics of one stage and records them (JSON, arrays, PNGs).
 
-    Merges ``diagnostics.summarize(table, new_ids, ...)`` into ``run_dir/diagnostics.json``
+    Merges ``geometry.summarize(table, new_ids, ...)`` into ``run_dir/diagnostics.json``
     under ``stage`` (other stages are kept; the write is atomic), saves the cosine matrices
     the figures need under ``run_dir/diagnostics/`` and redraws ``spectra.png`` (all
     stages), ``cosine_<stage>.png`` and ``new_cosine_<stage>.png``. Call it from one process
@@ -332,6 +322,42 @@ def record_stage(
     """
     run = Path(run_dir)
     _check_stage(stage)
+    t, new, old, code = _check_stage_inputs(table, new_ids, old_ids, codebook_vectors)
+    tokens, order = _tokens_and_order(run, new, tokens, token_order, decode)
+
+    out = geometry.summarize(
+        t,
+        new,
+        old_sample=_OLD_SAMPLE,
+        decode=decode,
+        rsa_sample=_RSA_SAMPLE,
+        old_ids=old,
+    )
+    e_new = t[new].astype(np.float64)
+    if code is not None:
+        out.update(_rsa_part(code, e_new))
+    if decode is not None:
+        for item in out["nearest"]:
+            item["text"] = str(decode(item["id"]))
+    out["plots"] = _save_plot_arrays(run, stage, t, old, new, order, tokens)
+    out = _jsonable(out)
+
+    data = read_diagnostics(run)
+    data[stage] = out
+    _write_json(run / DIAGNOSTICS_FILE, data)
+    if draw:
+        _draw_spectra(run, data)
+        _draw_stage(run, stage, out)
+    return out
+
+
+def _check_stage_inputs(
+    table: Any,
+    new_ids: range | Sequence[int] | np.ndarray,
+    old_ids: Sequence[int] | np.ndarray | None,
+    codebook_vectors: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`record_stage`'s arrays, checked: the table, new ids, old ids, code vectors."""
     t = np.asarray(table)
     if t.ndim != 2:
         raise DiagnoseError(f"table must be a 2-D [V, D] matrix, got shape {t.shape}.")
@@ -353,6 +379,17 @@ def record_stage(
                 f"codebook_vectors must be [N={new.size}, C] aligned with new_ids, got shape "
                 f"{code.shape}; use token_codebook_vectors(sids, tokens)."
             )
+    return t, new, old, code
+
+
+def _tokens_and_order(
+    run: Path,
+    new: np.ndarray,
+    tokens: Sequence[str] | None,
+    token_order: Sequence[int] | Sequence[str] | None,
+    decode: Callable[[int], str] | None,
+) -> tuple[list[str] | None, np.ndarray]:
+    """The new tokens' strings (or None) and their semantic-ID plot order (see record_stage)."""
     info = _new_tokens_info(run)
     if tokens is None and isinstance(info.get("tokens"), list) and len(info["tokens"]) == new.size:
         tokens = [str(x) for x in info["tokens"]]
@@ -362,34 +399,32 @@ def record_stage(
         raise DiagnoseError(f"tokens has {len(tokens)} entries for {new.size} new ids.")
     if token_order is None and isinstance(info.get("token_order"), list):
         token_order = info["token_order"]
-    order = _plot_order(new, token_order, tokens)
+    return tokens, _plot_order(new, token_order, tokens)
 
-    out = diagnostics.summarize(
-        t,
-        new,
-        old_sample=_OLD_SAMPLE,
-        decode=decode,
-        rsa_sample=_RSA_SAMPLE,
-        old_ids=old,
-    )
-    e_new = t[new].astype(np.float64)
-    if code is not None:
-        out.update(_rsa_part(code, e_new))
-    if decode is not None:
-        for item in out["nearest"]:
-            item["text"] = str(decode(item["id"]))
 
-    # Arrays to redraw the figures: old sample + first new ids, and ordered new-new.
+def _save_plot_arrays(
+    run: Path,
+    stage: str,
+    t: np.ndarray,
+    old: np.ndarray,
+    new: np.ndarray,
+    order: np.ndarray,
+    tokens: Sequence[str] | None,
+) -> dict[str, Any]:
+    """Saves the cosine matrices the figures need; returns the stage's ``plots`` entry.
+
+    The old sample plus the first new ids, and the new-new matrix in semantic-ID order.
+    """
     old_pick = old[_spread(old.size, _OLD_SAMPLE)]
     new_pick = new[:_NEW_SAMPLE]
-    mixed = diagnostics.cosine_matrix(t[np.concatenate([old_pick, new_pick])])
+    mixed = geometry.cosine_matrix(t[np.concatenate([old_pick, new_pick])])
     shown = order[_spread(new.size, _NEW_ORDERED)]
     ordered = new[shown]
-    new_cos = diagnostics.cosine_matrix(t[ordered])
+    new_cos = geometry.cosine_matrix(t[ordered])
     arrays = run / ARRAYS_DIR
     _save_npy(arrays / f"cosine_{stage}.npy", mixed.astype(np.float32))
     _save_npy(arrays / f"new_cosine_{stage}.npy", new_cos.astype(np.float32))
-    out["plots"] = {
+    return {
         "cosine": {
             "file": f"{ARRAYS_DIR}/cosine_{stage}.npy",
             "old_ids": old_pick,
@@ -402,15 +437,6 @@ def record_stage(
             "labels": None if tokens is None else [tokens[p] for p in shown],
         },
     }
-    out = _jsonable(out)
-
-    data = read_diagnostics(run)
-    data[stage] = out
-    _write_json(run / DIAGNOSTICS_FILE, data)
-    if draw:
-        _draw_spectra(run, data)
-        _draw_stage(run, stage, out)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

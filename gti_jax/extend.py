@@ -32,9 +32,15 @@ import numpy as np
 
 from gti_jax.errors import BadInput
 from gti_jax.io import safetensors as st
-from gti_jax.io.atomic import temp_dir_beside
+from gti_jax.io.atomic import atomic_dir
 from gti_jax.vocab import initializers as inits
-from gti_jax.vocab.resize import EmbeddingSpec, ResizeError, plan_resize, resize_vocab
+from gti_jax.vocab.resize import (
+    EmbeddingSpec,
+    ResizeError,
+    VocabPlan,
+    plan_resize,
+    resize_vocab,
+)
 from gti_jax.vocab.tokens import (
     TokenEntry,
     TokenError,
@@ -67,40 +73,33 @@ def _log(msg: str) -> None:
 
 def open_checkpoint(model: str) -> Checkpoint:
     """Opens a HF directory, a ``.gguf`` file or a built-in alias (``smollm2-135m``)."""
-    path = Path(model)
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ExtendError(
-                f"{path}: no config.json; --model must be a Hugging Face checkpoint directory, a .gguf file or an alias"
-            )
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ExtendError(
-                f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download config.json"
-            ) from None
-        tensors = st.load_dir_tensors(path)
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except Exception as e:  # transformers raises many types for a missing tokenizer
-            raise ExtendError(
-                f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the directory needs tokenizer files"
-            ) from None
-        return Checkpoint(config, tensors, tokenizer, path)
     from gti_jax.models import gguf
+    from gti_jax.models.source import ModelSourceError, resolve_source
 
-    gguf_path = gguf.resolve_alias(model)
-    if gguf_path is None and path.suffix == ".gguf":
-        gguf_path = path
-    if gguf_path is None:
+    try:
+        kind, path = resolve_source(model, label=f"--model {model}")
+    except ModelSourceError as e:
+        raise ExtendError(str(e)) from None
+    if kind == "gguf":
+        config, tensors, tokenizer = gguf.load_gguf(path)
+        return Checkpoint(config, tensors, tokenizer, None)
+    cfg_file = path / "config.json"
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
         raise ExtendError(
-            f"--model {model!r}: no such directory, .gguf file or alias (aliases: {', '.join(gguf.ALIASES)})"
-        )
-    config, tensors, tokenizer = gguf.load_gguf(gguf_path)
-    return Checkpoint(config, tensors, tokenizer, None)
+            f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download config.json"
+        ) from None
+    tensors = st.load_dir_tensors(path)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for a missing tokenizer
+        raise ExtendError(
+            f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the directory needs tokenizer files"
+        ) from None
+    return Checkpoint(config, tensors, tokenizer, path)
 
 
 def _spec_for(ckpt: Checkpoint) -> EmbeddingSpec:
@@ -140,6 +139,96 @@ def _parse_init_args(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _check_out(out: Path) -> None:
+    if out.exists():
+        raise ExtendError(f"--out {out} already exists; choose a new directory or remove it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExtendError(
+            f"--out {out}: {out.parent} is a file, not a directory; choose another --out"
+        )
+    if not out.parent.exists():
+        raise ExtendError(
+            f"--out {out}: parent directory {out.parent} does not exist; create it first"
+        )
+    if not os.access(out.parent, os.W_OK):
+        raise ExtendError(f"--out {out}: cannot write to {out.parent}; choose a writable location")
+
+
+def _check_init(init: str, init_kwargs: Mapping[str, Any] | None, pad_to_multiple_of: int) -> None:
+    if init not in inits.INITIALIZERS:
+        raise ExtendError(
+            f"--init {init!r}: unknown initializer; choose one of {', '.join(inits.INITIALIZERS)}"
+        )
+    try:
+        inits.get_initializer(init, **dict(init_kwargs or {}))
+    except ValueError as e:
+        raise ExtendError(str(e)) from None
+    if pad_to_multiple_of < 1:
+        raise ExtendError(f"--pad-to-multiple-of must be >= 1, got {pad_to_multiple_of}")
+
+
+@dataclass
+class _Plan:
+    """What an extension will do, decided before any heavy work."""
+
+    spec: EmbeddingSpec
+    resize: VocabPlan
+    to_add: list[str]  # the tokens to add, in order
+    desc_ids: Any  # description token ids for ``init="description"``, else None
+    num_tokens: int  # the tokenizer's size before the extension
+    num_rows: int  # the embedding table's rows before the extension
+
+
+def _plan(
+    ckpt: Checkpoint,
+    entries: Sequence[TokenEntry],
+    *,
+    init: str,
+    skip_existing: bool,
+    pad_to_multiple_of: int,
+) -> _Plan:
+    spec = _spec_for(ckpt)
+    num_rows = int(np.shape(ckpt.tensors["model.embed_tokens.weight"])[0])
+    num_tokens = len(ckpt.tokenizer)
+    if num_tokens > num_rows:
+        raise ExtendError(
+            f"tokenizer has {num_tokens} tokens but the embedding has {num_rows} rows; the tokenizer does not belong to this checkpoint"
+        )
+    to_add = validate_new_tokens(
+        ckpt.tokenizer, [e.token for e in entries], skip_existing=skip_existing
+    )
+    if not to_add:
+        raise ExtendError("every requested token is already in the vocabulary; nothing to do")
+    desc_ids = None
+    if init == "description":
+        by_token = {e.token: e.description for e in entries}
+        desc_ids = description_token_ids(
+            ckpt.tokenizer, [by_token[t] for t in to_add], tokens=to_add
+        )
+    resize = plan_resize(
+        num_rows, num_tokens, num_tokens + len(to_add), pad_to_multiple_of=pad_to_multiple_of
+    )
+    return _Plan(spec, resize, list(to_add), desc_ids, num_tokens, num_rows)
+
+
+def _write_checkpoint(tmp: Path, ckpt: Checkpoint, resized: Mapping[str, Any], rows: int) -> None:
+    """Writes the extended checkpoint (carried-over files, tensors, config, tokenizer)."""
+    if ckpt.source_dir is not None:
+        for f in ckpt.source_dir.iterdir():
+            if (
+                f.is_file()
+                and f.suffix not in _WEIGHT_SUFFIXES
+                and f.name not in ("config.json", st.INDEX_FILE)
+            ):
+                shutil.copy2(f, tmp / f.name)
+    tensors = {name: resized.get(name, arr) for name, arr in ckpt.tensors.items()}
+    st.save_dir_tensors(tmp, tensors)
+    config = dict(ckpt.config)
+    config["vocab_size"] = rows
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    ckpt.tokenizer.save_pretrained(str(tmp))
+
+
 def extend_checkpoint(
     model: str,
     tokens: str | os.PathLike | Sequence[TokenEntry],
@@ -164,120 +253,68 @@ def extend_checkpoint(
       skip_existing: drop requested tokens that the tokenizer already has instead of failing.
 
     Returns:
-      A summary: token counts, rows before and after, new ids, timings.
+      The summary also written to ``out/gti_extend.json``: ``num_tokens`` (the extended
+      tokenizer's size) and ``num_rows`` (the extended table's rows, the new config's
+      ``vocab_size``), ``base_num_tokens`` and ``base_num_rows`` (the same before the
+      extension), the new ids, timings. (Older files, told apart by a ``new_num_tokens`` key,
+      had ``num_tokens``/``num_rows`` for the sizes before and ``new_num_*`` for those after.)
     """
     import jax
 
     t0 = time.perf_counter()
     out = Path(out)
-    if out.exists():
-        raise ExtendError(f"--out {out} already exists; choose a new directory or remove it")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ExtendError(
-            f"--out {out}: {out.parent} is a file, not a directory; choose another --out"
-        )
-    if not out.parent.exists():
-        raise ExtendError(
-            f"--out {out}: parent directory {out.parent} does not exist; create it first"
-        )
-    if not os.access(out.parent, os.W_OK):
-        raise ExtendError(f"--out {out}: cannot write to {out.parent}; choose a writable location")
-    if init not in inits.INITIALIZERS:
-        raise ExtendError(
-            f"--init {init!r}: unknown initializer; choose one of {', '.join(inits.INITIALIZERS)}"
-        )
-    try:
-        inits.get_initializer(init, **dict(init_kwargs or {}))
-    except ValueError as e:
-        raise ExtendError(str(e)) from None
-    if pad_to_multiple_of < 1:
-        raise ExtendError(f"--pad-to-multiple-of must be >= 1, got {pad_to_multiple_of}")
-
+    _check_out(out)
+    _check_init(init, init_kwargs, pad_to_multiple_of)
     entries = read_tokens_file(tokens) if isinstance(tokens, str | os.PathLike) else list(tokens)
     if not entries:
         raise ExtendError("no tokens to add; the tokens file is empty")
     ckpt = open_checkpoint(model)
-    spec = _spec_for(ckpt)
-    num_rows = int(np.shape(ckpt.tensors["model.embed_tokens.weight"])[0])
-    num_tokens = len(ckpt.tokenizer)
-    if num_tokens > num_rows:
-        raise ExtendError(
-            f"tokenizer has {num_tokens} tokens but the embedding has {num_rows} rows; the tokenizer does not belong to this checkpoint"
-        )
-    to_add = validate_new_tokens(
-        ckpt.tokenizer, [e.token for e in entries], skip_existing=skip_existing
+    p = _plan(
+        ckpt, entries, init=init, skip_existing=skip_existing, pad_to_multiple_of=pad_to_multiple_of
     )
-    if not to_add:
-        raise ExtendError("every requested token is already in the vocabulary; nothing to do")
-    desc_ids = None
-    if init == "description":
-        by_token = {e.token: e.description for e in entries}
-        desc_ids = description_token_ids(
-            ckpt.tokenizer, [by_token[t] for t in to_add], tokens=to_add
-        )
-    plan = plan_resize(
-        num_rows, num_tokens, num_tokens + len(to_add), pad_to_multiple_of=pad_to_multiple_of
-    )
+    plan = p.resize
     _log(
-        f"{len(to_add)} new tokens; tokenizer {num_tokens} -> {plan.new_num_tokens}; rows {num_rows} -> {plan.new_num_rows} ({'tied' if spec.tied else 'untied'} head)"
+        f"{len(p.to_add)} new tokens; tokenizer {p.num_tokens} -> {plan.new_num_tokens}; rows {p.num_rows} -> {plan.new_num_rows} ({'tied' if p.spec.tied else 'untied'} head)"
     )
 
     # Heavy work starts here; everything below writes only into a temporary directory.
-    tokenizer = ckpt.tokenizer
-    ids = extend_tokenizer(tokenizer, to_add)
+    ids = extend_tokenizer(ckpt.tokenizer, p.to_add)
     if list(ids) != list(plan.new_ids):
         raise ExtendError(
             f"tokenizer assigned ids {ids[:3]}... but rows {plan.new_ids.start}.. were planned; the tokenizer's ids are not contiguous"
         )
-    vocab = {n: ckpt.tensors[n] for n in spec.paths().values() for n in n}
+    vocab = {n: ckpt.tensors[n] for n in p.spec.paths().values() for n in n}
     t1 = time.perf_counter()
     resized = resize_vocab(
-        {k: v for k, v in vocab.items()},
-        spec,
+        dict(vocab),
+        p.spec,
         plan.new_num_tokens,
         init,
         jax.random.key(seed),
-        num_tokens=num_tokens,
+        num_tokens=p.num_tokens,
         pad_to_multiple_of=pad_to_multiple_of,
-        description_ids=desc_ids,
+        description_ids=p.desc_ids,
         init_kwargs=init_kwargs,
     )
     resized = {k: np.asarray(v) for k, v in resized.items()}
     t2 = time.perf_counter()
 
-    tmp = temp_dir_beside(out)
-    try:
-        if ckpt.source_dir is not None:
-            for f in ckpt.source_dir.iterdir():
-                if (
-                    f.is_file()
-                    and f.suffix not in _WEIGHT_SUFFIXES
-                    and f.name not in ("config.json", st.INDEX_FILE)
-                ):
-                    shutil.copy2(f, tmp / f.name)
-        tensors = {name: resized.get(name, arr) for name, arr in ckpt.tensors.items()}
-        st.save_dir_tensors(tmp, tensors)
-        config = dict(ckpt.config)
-        config["vocab_size"] = plan.new_num_rows
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer.save_pretrained(str(tmp))
+    with atomic_dir(out) as tmp:
+        _write_checkpoint(tmp, ckpt, resized, plan.new_num_rows)
         summary = {
             "model": str(model),
             "init": init,
-            "num_tokens": num_tokens,
-            "new_num_tokens": plan.new_num_tokens,
-            "num_rows": num_rows,
-            "new_num_rows": plan.new_num_rows,
+            "num_tokens": plan.new_num_tokens,
+            "num_rows": plan.new_num_rows,
+            "base_num_tokens": p.num_tokens,
+            "base_num_rows": p.num_rows,
             "new_ids": [plan.new_ids.start, plan.new_ids.stop],
-            "tied": spec.tied,
-            "skipped_existing": len(entries) - len(to_add),
+            "tied": p.spec.tied,
+            "skipped_existing": len(entries) - len(p.to_add),
             "resize_seconds": round(t2 - t1, 3),
             "total_seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / "gti_extend.json").write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     _log(
         f"wrote {out} in {summary['total_seconds']:.1f} s (resize {summary['resize_seconds']:.2f} s)"
     )

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from gti_jax.io.atomic import atomic_write
+
 __all__ = ["plot_cosine_heatmap", "plot_loss_curves", "plot_spectra"]
 
 # Floor for normalized singular values on the log axis (exact mean init gives ~1e-17).
@@ -37,8 +39,8 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, format="png")
-    return path
+    """Writes the PNG atomically (a temporary file renamed into place)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 def plot_spectra(
@@ -52,7 +54,7 @@ def plot_spectra(
 
     Args:
       spectra: label (e.g. ``"mean init"``, ``"after GTI"``) -> singular values, largest first
-        (as from ``diagnostics.singular_values`` or ``summarize(...)["singular_values"]``).
+        (as from ``geometry.singular_values`` or ``summarize(...)["singular_values"]``).
       path: output ``.png``; parent folders are created.
       title: figure title.
 
@@ -105,7 +107,7 @@ def plot_cosine_heatmap(
     the code hierarchy shows as blocks.
 
     Args:
-      matrix: ``[N, M]`` cosines (e.g. ``diagnostics.cosine_matrix(rows)``).
+      matrix: ``[N, M]`` cosines (e.g. ``geometry.cosine_matrix(rows)``).
       path: output ``.png``; parent folders are created.
       split: draw lines after this many rows/columns (after reordering).
       labels: ``N`` tick labels (in the original order; shown when ``N <= 60``).

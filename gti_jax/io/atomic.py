@@ -8,13 +8,22 @@ the 0600/0700 of ``tempfile``, since they become the outputs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "temp_dir_beside", "temp_file_beside", "umask"]
+__all__ = [
+    "atomic_dir",
+    "atomic_write",
+    "replace_dir",
+    "temp_dir_beside",
+    "temp_file_beside",
+    "umask",
+]
 
 
 def umask() -> int:
@@ -90,3 +99,61 @@ def atomic_write(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Renames the complete directory ``src`` to ``dest``, replacing any ``dest`` there.
+
+    An existing ``dest`` is first renamed aside (to a hidden directory beside it) and removed
+    only once ``src`` is in place; if that rename fails, the old ``dest`` is put back. ``src``
+    must be on the same file system as ``dest`` (see :func:`temp_dir_beside`).
+
+    Returns:
+        ``dest``.
+    """
+    src, dest = Path(src), Path(dest)
+    if not dest.exists():
+        os.replace(src, dest)
+        return dest
+    old = temp_dir_beside(dest, "old")
+    os.replace(dest, old / "d")
+    try:
+        os.replace(src, dest)
+    except BaseException:
+        os.replace(old / "d", dest)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary directory beside ``dest`` that replaces ``dest`` when the block ends.
+
+    Write the output's files into the yielded directory. When the ``with`` block finishes
+    without an exception, it replaces ``dest`` through :func:`replace_dir` (an existing
+    ``dest`` is kept until the new one is in place); on an exception the temporary directory
+    is removed and ``dest`` is left as it was. ``dest``'s parent is created if needed.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp()) / "out"
+        >>> with atomic_dir(d) as tmp:
+        ...     _ = (tmp / "a.txt").write_text("new")
+        >>> (d / "a.txt").read_text()
+        'new'
+        >>> with atomic_dir(d) as tmp:  # replaces the whole directory
+        ...     _ = (tmp / "b.txt").write_text("newer")
+        >>> sorted(p.name for p in d.parent.iterdir()), sorted(p.name for p in d.iterdir())
+        (['out'], ['b.txt'])
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_beside(dest)
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -16,12 +16,13 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import ml_dtypes
 import numpy as np
 
 from gti_jax.errors import BadInput
-from gti_jax.io.atomic import temp_file_beside
+from gti_jax.io.atomic import atomic_write
 
 __all__ = [
     "SafetensorsError",
@@ -213,7 +214,7 @@ def _as_numpy(x) -> np.ndarray:
     return arr
 
 
-def _write(path: Path, tensors: Mapping[str, object], metadata: Mapping[str, str] | None) -> None:
+def _write(f: IO[bytes], tensors: Mapping[str, object], metadata: Mapping[str, str] | None) -> None:
     arrays = {k: _as_numpy(v) for k, v in tensors.items()}
     header: dict[str, object] = {}
     if metadata:
@@ -228,18 +229,10 @@ def _write(path: Path, tensors: Mapping[str, object], metadata: Mapping[str, str
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays.values():
-            f.write(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
-
-
-def _atomic(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    os.close(fd)
-    return tmp
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for arr in arrays.values():
+        f.write(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
 
 
 def save_tensors(
@@ -252,13 +245,7 @@ def save_tensors(
     The data goes to a temporary file in the same directory that is renamed into place, so a
     reader never sees a half-written file.
     """
-    path = Path(path)
-    tmp = _atomic(path)
-    try:
-        _write(tmp, tensors, metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: _write(f, tensors, metadata), binary=True)
 
 
 def save_dir_tensors(
@@ -302,7 +289,5 @@ def save_dir_tensors(
             weight_map[name] = fname
             total += int(np.prod(np.shape(arr), dtype=np.int64)) * np.dtype(arr.dtype).itemsize
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    tmp = _atomic(out_dir / INDEX_FILE)
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out_dir / INDEX_FILE)
+    atomic_write(out_dir / INDEX_FILE, lambda f: f.write(json.dumps(index, indent=2)))
     return [out_dir / n for n in names]

@@ -9,7 +9,6 @@ Example:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from gti_jax.models.config import ConfigError, LlamaConfig
@@ -21,6 +20,7 @@ from gti_jax.models.hf import (
     model_to_tensors,
 )
 from gti_jax.models.llama import KVCache, LlamaForCausalLM
+from gti_jax.models.source import ModelSource, ModelSourceError, resolve_source
 
 __all__ = [
     "CheckpointMismatchError",
@@ -28,11 +28,14 @@ __all__ = [
     "KVCache",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "ModelSource",
+    "ModelSourceError",
     "export_hf_dir",
     "load_hf_dir",
     "load_pretrained",
     "model_from_tensors",
     "model_to_tensors",
+    "resolve_source",
 ]
 
 
@@ -49,27 +52,18 @@ def load_pretrained(path_or_alias: str | os.PathLike, **kw: Any) -> tuple[LlamaF
         `(model, tokenizer)`.
 
     Raises:
-        FileNotFoundError: the path does not exist and is no known alias.
+        ModelSourceError: (a ``FileNotFoundError``) no checkpoint directory with
+            ``config.json``, ``.gguf`` file or known alias; see :func:`resolve_source`.
 
     Example:
         >>> model, tok = load_pretrained("smollm2-135m")  # doctest: +SKIP
     """
-    path = Path(path_or_alias)
-    if path.is_dir():
-        return load_hf_dir(path, **kw)
-    from gti_jax.models.gguf import load_gguf, resolve_alias
+    source = resolve_source(path_or_alias)
+    if source.kind == "hf":
+        return load_hf_dir(source.path, **kw)
+    from gti_jax.models.gguf import load_gguf
 
-    if not (path.is_file() and path.suffix == ".gguf"):
-        resolved = resolve_alias(str(path_or_alias))
-        if resolved is None:
-            raise FileNotFoundError(
-                f"{path_or_alias}: not a checkpoint directory, a .gguf file or a known alias; "
-                "pass a Hugging Face directory with config.json or a .gguf path"
-            )
-        path = Path(resolved)
-    if path.is_dir():
-        return load_hf_dir(path, **kw)
     kw.pop("with_tokenizer", None)
-    hf_config, tensors, tokenizer = load_gguf(path)
+    hf_config, tensors, tokenizer = load_gguf(source.path)
     config = LlamaConfig.from_hf_dict(hf_config)
     return model_from_tensors(config, tensors, **kw), tokenizer

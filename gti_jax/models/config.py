@@ -1,4 +1,6 @@
-"""The architecture config of the Llama family (Llama, SmolLM2, Qwen2, Qwen3).
+"""The architecture config of the Llama family (Llama, SmolLM2, Qwen2, Qwen3, Mistral).
+
+`from_hf_dict` hands Gemma 3 text configs to `gti_jax.models.gemma3.Gemma3Config`.
 
 One frozen dataclass, with Hugging Face field names, is the single source of truth for the
 architecture. It is read from and written back to a `config.json` that `transformers` loads
@@ -24,11 +26,13 @@ from gti_jax.errors import BadInput
 
 __all__ = ["LlamaConfig", "ConfigError", "SUPPORTED_MODEL_TYPES"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -44,6 +48,45 @@ def _freeze(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return tuple(_freeze(v) for v in x)
     return x
+
+
+def _rope_from_hf(d: Mapping[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """RoPE theta and scaling from a HF config dict (``rope_theta``/``rope_scaling`` of
+    transformers 4, ``rope_parameters`` of 5); raises ConfigError for what is not supported."""
+    partial = d.get("partial_rotary_factor")
+    rope_params = d.get("rope_parameters") or {}
+    if not isinstance(rope_params, Mapping):
+        raise ConfigError(f"config.json rope_parameters={rope_params!r} must be an object")
+    if rope_params and all(isinstance(v, Mapping) for v in rope_params.values()):
+        raise ConfigError("config.json rope_parameters per layer type is not supported")
+    partial = rope_params.get("partial_rotary_factor", partial)
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"config.json partial_rotary_factor={partial} is not supported")
+    theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
+    scaling = d.get("rope_scaling") or None
+    if scaling is None and rope_params.get("rope_type", rope_params.get("type")) not in (
+        None,
+        "default",
+    ):
+        scaling = rope_params
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in (None, "default"):
+            scaling = None
+        elif kind == "llama3":
+            scaling = dict(scaling)
+            scaling.setdefault(
+                "original_max_position_embeddings",
+                d.get("max_position_embeddings", 2048),
+            )
+            scaling = {"rope_type": "llama3", **{k: scaling.get(k) for k in _LLAMA3_KEYS}}
+        else:
+            field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+            raise ConfigError(
+                f"config.json {field} rope_type={kind!r} is not supported (only 'default' "
+                "and 'llama3')"
+            )
+    return theta, scaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +112,10 @@ class LlamaConfig:
             a tied model has no separate head parameter).
         attention_bias: q/k/v projections carry biases (Qwen2). Never an o_proj bias.
         qk_norm: per-head RMSNorm on queries and keys before RoPE (Qwen3).
-        model_type: "llama", "qwen2" or "qwen3"; decides the names written to `config.json`.
+        model_type: "llama", "qwen2", "qwen3" or "mistral" ("gemma3_text" is
+            `gti_jax.models.gemma3.Gemma3Config`); decides the names written to `config.json`.
+        sliding_window: Mistral's sliding-window attention: each token attends to itself and
+            the `sliding_window - 1` tokens before it, in every layer; None = full attention.
         bos_token_id: beginning-of-sequence id, or None.
         eos_token_id: end-of-sequence id, a tuple of ids, or None.
         pad_token_id: padding id, or None.
@@ -93,6 +139,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -106,11 +153,15 @@ class LlamaConfig:
             set_("rope_scaling", dict(self.rope_scaling))
         self._validate()
 
+    #: The model types this class describes (`Gemma3Config` describes "gemma3_text").
+    _MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
     def _validate(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in self._MODEL_TYPES:
+            hint = " (use gti_jax.models.gemma3.Gemma3Config)" * (self.model_type == "gemma3_text")
             raise ConfigError(
-                f"model_type={self.model_type!r} is not supported; use one of "
-                f"{list(SUPPORTED_MODEL_TYPES)}"
+                f"model_type={self.model_type!r} is not supported by {type(self).__name__}; use "
+                f"one of {list(self._MODEL_TYPES)}{hint}"
             )
         for name in (
             "vocab_size",
@@ -131,6 +182,19 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        window = self.sliding_window
+        if window is not None and (
+            not isinstance(window, int) or isinstance(window, bool) or window <= 0
+        ):
+            raise ConfigError(f"sliding_window={window!r} must be a positive integer or None")
+        if window is not None and self.model_type not in ("mistral", "gemma3_text"):
+            raise ConfigError(
+                f"sliding_window={window} is supported only for model_type 'mistral' and "
+                f"'gemma3_text', not {self.model_type!r}"
+            )
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind != "llama3":
@@ -185,6 +249,10 @@ class LlamaConfig:
             True
         """
         model_type = d.get("model_type")
+        if model_type in ("gemma3_text", "gemma3"):  # "gemma3" (multimodal) is refused there
+            from gti_jax.models.gemma3 import Gemma3Config
+
+            return Gemma3Config.from_hf_dict(d)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"config.json model_type={model_type!r} is not supported; gti_jax implements "
@@ -208,39 +276,7 @@ class LlamaConfig:
                 f"config.json layer_types={sorted(set(layer_types))} is not supported (only "
                 "'full_attention')"
             )
-        partial = d.get("partial_rotary_factor")
-        rope_params = d.get("rope_parameters") or {}
-        if not isinstance(rope_params, Mapping):
-            raise ConfigError(f"config.json rope_parameters={rope_params!r} must be an object")
-        if rope_params and all(isinstance(v, Mapping) for v in rope_params.values()):
-            raise ConfigError("config.json rope_parameters per layer type is not supported")
-        partial = rope_params.get("partial_rotary_factor", partial)
-        if partial not in (None, 1, 1.0):
-            raise ConfigError(f"config.json partial_rotary_factor={partial} is not supported")
-        theta = rope_params.get("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or None
-        if scaling is None and rope_params.get("rope_type", rope_params.get("type")) not in (
-            None,
-            "default",
-        ):
-            scaling = rope_params
-        if scaling is not None:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind in (None, "default"):
-                scaling = None
-            elif kind == "llama3":
-                scaling = dict(scaling)
-                scaling.setdefault(
-                    "original_max_position_embeddings",
-                    d.get("max_position_embeddings", 2048),
-                )
-                scaling = {"rope_type": "llama3", **{k: scaling.get(k) for k in _LLAMA3_KEYS}}
-            else:
-                field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
-                raise ConfigError(
-                    f"config.json {field} rope_type={kind!r} is not supported (only 'default' "
-                    "and 'llama3')"
-                )
+        theta, scaling = _rope_from_hf(d)
         eos = d.get("eos_token_id")
         heads = d.get("num_attention_heads")
         return cls(
@@ -262,6 +298,7 @@ class LlamaConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=d.get("pad_token_id"),
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
         )
 
     @classmethod
@@ -332,4 +369,6 @@ class LlamaConfig:
         if self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
             out["sliding_window"] = None
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
         return out

@@ -764,6 +764,27 @@ def _beam_host_loop(
     return _finalize(beams, jnp.asarray(t, jnp.int32), eligible, knobs["length_penalty"])
 
 
+def _checked_trie_arrays(
+    trie: TrieConstraint | None, limit: int, max_new_tokens: int
+) -> _TrieArrays:
+    """The trie's arrays for :func:`_beam_jit`, after checking its ids lie below ``limit``
+    and its shortest candidate fits; an unused placeholder when there is no trie."""
+    if trie is None:
+        return _TrieArrays.of(TrieConstraint.from_sequences([[0]]))  # unused placeholder
+    used = trie.children_tokens[trie.children_tokens >= 0]
+    if used.size and used.max() >= limit:
+        raise DecodeError(
+            f"constraint token id {int(used.max())} is outside the vocabulary [0, "
+            f"{limit}); build the trie with the extended tokenizer's ids"
+        )
+    if trie.min_length > max_new_tokens:
+        raise DecodeError(
+            f"max_new_tokens={max_new_tokens} is shorter than the shortest candidate "
+            f"({trie.min_length} tokens with EOS); raise max_new_tokens"
+        )
+    return _TrieArrays.of(trie)
+
+
 def beam_search(
     model: LlamaForCausalLM,
     prompts: Prompts,
@@ -834,22 +855,8 @@ def beam_search(
     graphdef, state = nnx.split(model)
     size = dict(num_beams=num_beams, max_new_tokens=max_new_tokens)
     if constraint is None or trie is not None:
-        if trie is not None:
-            limit = model.num_rows if num_tokens is None else num_tokens
-            used = trie.children_tokens[trie.children_tokens >= 0]
-            if used.size and used.max() >= limit:
-                raise DecodeError(
-                    f"constraint token id {int(used.max())} is outside the vocabulary [0, "
-                    f"{limit}); build the trie with the extended tokenizer's ids"
-                )
-            if trie.min_length > max_new_tokens:
-                raise DecodeError(
-                    f"max_new_tokens={max_new_tokens} is shorter than the shortest candidate "
-                    f"({trie.min_length} tokens with EOS); raise max_new_tokens"
-                )
-            arrays = _TrieArrays.of(trie)
-        else:
-            arrays = _TrieArrays.of(TrieConstraint.from_sequences([[0]]))  # unused placeholder
+        limit = model.num_rows if num_tokens is None else num_tokens
+        arrays = _checked_trie_arrays(trie, limit, max_new_tokens)
         toks, lens, scores = _beam_jit(
             graphdef,
             state,

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gti_jax.errors import BadInput
-from gti_jax.io.atomic import temp_dir_beside
+from gti_jax.io.atomic import atomic_dir
 from gti_jax.io.safetensors import load_dir_tensors, save_dir_tensors
 from gti_jax.models.config import LlamaConfig
+from gti_jax.models.families import model_class
 from gti_jax.models.llama import LlamaForCausalLM
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_axes, logical_to_spec
 
@@ -75,6 +75,17 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     ("model.layers.{i}.mlp.gate_proj.weight", "layers/{i}/mlp/gate_proj/kernel", "t_in"),
     ("model.layers.{i}.mlp.up_proj.weight", "layers/{i}/mlp/up_proj/kernel", "t_in"),
     ("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/mlp/down_proj/kernel", "t_out"),
+    # Gemma 3 only (gti_jax.models.gemma3): the norms around the MLP.
+    (
+        "model.layers.{i}.pre_feedforward_layernorm.weight",
+        "layers/{i}/pre_feedforward_layernorm/scale",
+        "copy",
+    ),
+    (
+        "model.layers.{i}.post_feedforward_layernorm.weight",
+        "layers/{i}/post_feedforward_layernorm/scale",
+        "copy",
+    ),
 )
 
 #: HF tensors that are buffers, not parameters (old checkpoints); skipped silently.
@@ -202,7 +213,7 @@ def model_from_tensors(
     """
     rules = LOGICAL_RULES if rules is None else rules
     abstract = nnx.eval_shape(
-        lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
+        lambda: model_class(config)(config, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
     )
     graphdef, abs_state = nnx.split(abstract)
     targets = dict(nnx.to_flat_state(abs_state))
@@ -454,9 +465,7 @@ def export_hf_dir(
         )
     tensors = model_to_tensors(model, dtype=dtype)
     weight_dtype = _dtype_name(tensors["model.embed_tokens.weight"].dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf_config = config.to_hf_dict(dtype=weight_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_dir_tensors(tmp, tensors, max_shard_bytes=max_shard_bytes)
@@ -469,14 +478,4 @@ def export_hf_dir(
                 if hf_config[k] is not None
             }
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if out_dir.exists():
-            old = temp_dir_beside(out_dir, "old")
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -1,4 +1,5 @@
-"""A Flax NNX decoder for the Llama family: Llama, SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k norms).
+"""A Flax NNX decoder for the Llama family: Llama, SmolLM2, Qwen2 (q/k/v biases), Qwen3 (q/k norms),
+Mistral (sliding-window attention); `gti_jax.models.gemma3` builds Gemma 3 on these modules.
 
 The model follows the Hugging Face implementation numerically (RMSNorm in float32, RoPE with
 the rotate-half convention, grouped-query attention, SwiGLU MLP) so that logits match
@@ -34,6 +35,9 @@ Layers live in an `nnx.List` (not `nnx.scan`): paths keep the checkpoint's layer
 the decoders here have at most a few dozen layers, so unrolled compile time is acceptable.
 
 Decoding uses an explicit functional KV cache (`KVCache`, see `LlamaForCausalLM.init_cache`).
+Each layer has a static RoPE table and sliding window (`layer_inv_freq`, `layer_window`); a
+window `w` lets a token attend to itself and the `w - 1` cache slots before it (the cache
+keeps every slot, the mask does the windowing, as transformers' sliding-window mask).
 
 Example:
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
@@ -304,6 +308,8 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
         self.num_kv_heads, self.head_dim, self.dtype = k, hd, dtype
+        self.scale = hd**-0.5  # scores = q.k * scale (Gemma 3: query_pre_attn_scalar**-0.5)
+        self.softcap = None  # scores = softcap * tanh(scores / softcap) when set (Gemma)
 
     def __call__(
         self,
@@ -334,7 +340,9 @@ class Attention(nnx.Module):
         groups = q.shape[2] // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim**-0.5)
+        scores = scores * self.scale
+        if self.softcap is not None:
+            scores = self.softcap * jnp.tanh(scores / self.softcap)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, -1, self.head_dim)
@@ -410,6 +418,10 @@ class LlamaForCausalLM(nnx.Module):
                 (config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), rngs=rngs, **kw
             )
         self.inv_freq = tuple(rope_inv_freq(config).tolist())  # static, hashable
+        # Per layer (static): the RoPE inverse frequencies and the sliding window (None = full
+        # attention). One table for every layer here; Gemma 3 alternates local/global layers.
+        self.layer_inv_freq = (self.inv_freq,) * config.num_hidden_layers
+        self.layer_window = (config.sliding_window,) * config.num_hidden_layers
 
     @property
     def num_rows(self) -> int:
@@ -482,22 +494,29 @@ class LlamaForCausalLM(nnx.Module):
         if cache is None:
             if positions is None:
                 positions = default_positions(mask_in)
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & mask_in[:, None, :]
+            q_slot = k_slot = jnp.arange(t)
+            key_mask = mask_in
             index, kvs = None, [None] * len(self.layers)
         else:
             if positions is None:
                 positions = default_positions(mask_in, cache.positions)
             index = cache.index
             key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask_in, (0, index))
-            q_slot = index + jnp.arange(t)
-            causal = jnp.arange(cache.max_len)[None, :] <= q_slot[:, None]
-            mask = causal[None] & key_mask[:, None, :]
+            q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.max_len)
             kvs = list(zip(cache.k, cache.v, strict=True))
-        cos, sin = _rope_cos_sin(np.asarray(self.inv_freq, np.float32), positions)
-        new_kvs = []
-        for layer, kv in zip(self.layers, kvs, strict=True):
-            x, new_kv = layer(x, cos, sin, mask, kv, index)
+        # Slots, not RoPE positions, measure causality and the window: left padding is
+        # contiguous, so among real tokens slot distance equals position distance (as in HF).
+        distance = q_slot[:, None] - k_slot[None, :]
+        masks, ropes, new_kvs = {}, {}, []
+        for i, (layer, kv) in enumerate(zip(self.layers, kvs, strict=True)):
+            window, inv_freq = self.layer_window[i], self.layer_inv_freq[i]
+            if window not in masks:
+                allowed = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+                masks[window] = allowed[None] & key_mask[:, None, :]
+            if inv_freq not in ropes:
+                ropes[inv_freq] = _rope_cos_sin(np.asarray(inv_freq, np.float32), positions)
+            cos, sin = ropes[inv_freq]
+            x, new_kv = layer(x, cos, sin, masks[window], kv, index)
             new_kvs.append(new_kv)
         x = self.norm(x)
         if cache is None:
@@ -519,9 +538,17 @@ class LlamaForCausalLM(nnx.Module):
         h = h.astype(self.dtype)
         if self.config.tie_word_embeddings:
             table = self.embed.embedding[...].astype(self.dtype)
-            return jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
-        kernel = self.lm_head.kernel[...].astype(self.dtype)
-        return jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+            raw = jnp.einsum("btd,vd->btv", h, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = self.lm_head.kernel[...].astype(self.dtype)
+            raw = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
+        return self.finish_logits(raw)
+
+    def finish_logits(self, raw: Array) -> Array:
+        """What the family does to `h @ head` before it is a logit (nothing here; Gemma 3
+        soft-caps). Code that projects onto head columns itself (grounding's new rows)
+        applies it too, so its logits are the model's."""
+        return raw
 
     def __call__(
         self,

@@ -690,52 +690,13 @@ def filter_dataset(
     notes = list(ds.notes)
 
     if drop_untitled:
-        untitled = np.array([not it.title.strip() for it in ds.items], dtype=bool)
-        hit = untitled[item] if item.size else np.zeros(0, bool)
-        n_items = int(np.unique(item[hit]).size)
-        if n_items:
-            notes.append(
-                f"dropped {n_items} item(s) without a title ({int(hit.sum())} interactions)"
-            )
-        keep &= ~hit
-
+        keep &= ~_untitled(ds, item, notes)
     if max_history is not None:
-        # Rank from the end among the kept interactions of each user (arrays are user-major).
-        kept_len = np.bincount(user[keep], minlength=len(lengths))
-        rank = np.cumsum(keep) - 1  # position among kept, global
-        start = np.concatenate([[0], np.cumsum(kept_len)[:-1]])
-        from_end = kept_len[user] - 1 - (rank - start[user])
-        cut = keep & (from_end >= max_history)
-        if cut.any():
-            notes.append(
-                f"kept the last {max_history} interactions per user ({int(cut.sum())} cut)"
-            )
-        keep &= ~cut
-
-    rounds = 0
-    while True:
-        rounds += 1
-        icount = np.bincount(item[keep], minlength=len(ds.items))
-        drop = keep & (icount[item] < min_item_interactions)
-        keep &= ~drop
-        ucount = np.bincount(user[keep], minlength=len(lengths))
-        drop_u = keep & (ucount[user] < min_user_interactions)
-        keep &= ~drop_u
-        if not drop.any() and not drop_u.any():
-            break
-
-    kept_items = np.unique(item[keep])
-    remap = np.full(len(ds.items), -1, dtype=np.int64)
-    remap[kept_items] = np.arange(kept_items.size)
-    new_item = remap[item]
-    sequences, user_ids = [], []
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    for u in range(len(lengths)):
-        lo, hi = bounds[u], bounds[u + 1]
-        seq = new_item[lo:hi][keep[lo:hi]]
-        if seq.size:
-            sequences.append(tuple(int(i) for i in seq))
-            user_ids.append(ds.user_ids[u])
+        keep &= ~_beyond_history(user, keep, len(lengths), max_history, notes)
+    rounds = _k_core(
+        user, item, keep, len(lengths), len(ds.items), min_user_interactions, min_item_interactions
+    )
+    kept_items, sequences, user_ids = _regroup(ds, lengths, item, keep)
     notes.append(
         f"k-core (users >= {min_user_interactions}, items >= {min_item_interactions}) stable "
         f"after {rounds} round(s): {len(user_ids)} users, {kept_items.size} items, "
@@ -750,6 +711,76 @@ def filter_dataset(
         name=ds.name,
         notes=tuple(notes),
     )
+
+
+def _untitled(ds: RecDataset, item: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Which interactions (``item`` of each) have an item without a title; notes the count."""
+    untitled = np.array([not it.title.strip() for it in ds.items], dtype=bool)
+    hit = untitled[item] if item.size else np.zeros(0, bool)
+    n_items = int(np.unique(item[hit]).size)
+    if n_items:
+        notes.append(f"dropped {n_items} item(s) without a title ({int(hit.sum())} interactions)")
+    return hit
+
+
+def _beyond_history(
+    user: np.ndarray, keep: np.ndarray, num_users: int, max_history: int, notes: list[str]
+) -> np.ndarray:
+    """Which kept interactions lie before each user's last ``max_history``; notes the count."""
+    # Rank from the end among the kept interactions of each user (arrays are user-major).
+    kept_len = np.bincount(user[keep], minlength=num_users)
+    rank = np.cumsum(keep) - 1  # position among kept, global
+    start = np.concatenate([[0], np.cumsum(kept_len)[:-1]])
+    from_end = kept_len[user] - 1 - (rank - start[user])
+    cut = keep & (from_end >= max_history)
+    if cut.any():
+        notes.append(f"kept the last {max_history} interactions per user ({int(cut.sum())} cut)")
+    return cut
+
+
+def _k_core(
+    user: np.ndarray,
+    item: np.ndarray,
+    keep: np.ndarray,
+    num_users: int,
+    num_items: int,
+    min_user: int,
+    min_item: int,
+) -> int:
+    """Clears ``keep`` (in place) until every kept item and user has enough interactions.
+
+    Returns the number of rounds.
+    """
+    rounds = 0
+    while True:
+        rounds += 1
+        icount = np.bincount(item[keep], minlength=num_items)
+        drop = keep & (icount[item] < min_item)
+        keep &= ~drop
+        ucount = np.bincount(user[keep], minlength=num_users)
+        drop_u = keep & (ucount[user] < min_user)
+        keep &= ~drop_u
+        if not drop.any() and not drop_u.any():
+            return rounds
+
+
+def _regroup(
+    ds: RecDataset, lengths: np.ndarray, item: np.ndarray, keep: np.ndarray
+) -> tuple[np.ndarray, list[tuple[int, ...]], list[str]]:
+    """The kept items (old indices), and the kept users' re-indexed sequences and ids."""
+    kept_items = np.unique(item[keep])
+    remap = np.full(len(ds.items), -1, dtype=np.int64)
+    remap[kept_items] = np.arange(kept_items.size)
+    new_item = remap[item]
+    sequences, user_ids = [], []
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    for u in range(len(lengths)):
+        lo, hi = bounds[u], bounds[u + 1]
+        seq = new_item[lo:hi][keep[lo:hi]]
+        if seq.size:
+            sequences.append(tuple(int(i) for i in seq))
+            user_ids.append(ds.user_ids[u])
+    return kept_items, sequences, user_ids
 
 
 def leave_one_out(ds: RecDataset, *, max_history: int = 20) -> Split:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from gti_jax.io.atomic import atomic_write
+from gti_jax.rec.codes import LEVEL_LETTERS, code_token
 from gti_jax.rec.data import Example, Item, RecDataError, RecDataset, Split, item_text
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "write_task_files",
 ]
 
-LEVEL_LETTERS = string.ascii_lowercase
 UNUSED_CODE_DESCRIPTION = "an unused item code"
 
 # The paper's six paired templates (text -> ID and ID -> text), two phrasings each; one
@@ -97,26 +96,6 @@ _NEEDS = {
     "id_to_description": ("description",),
     "id_to_title_description": ("title", "description"),
 }
-
-
-def code_token(level: int, code: int) -> str:
-    """Returns the token of one code at one level.
-
-    Args:
-      level: 0-based level (0 -> ``a``, 1 -> ``b``, ...; at most 26 levels).
-      code: the code at that level, ``>= 0``.
-
-    Returns:
-      The token string.
-
-    >>> code_token(2, 201)
-    '<c_201>'
-    """
-    if not 0 <= level < len(LEVEL_LETTERS):
-        raise RecDataError(f"level {level} out of range [0, {len(LEVEL_LETTERS)})")
-    if code < 0:
-        raise RecDataError(f"code must be >= 0, got {code}")
-    return f"<{LEVEL_LETTERS[level]}_{int(code)}>"
 
 
 def item_id_string(codes: Sequence[int]) -> str:
@@ -580,10 +559,6 @@ def aux_prompts(
     return [rows[i] for i in rng.permutation(len(rows))]
 
 
-def _atomic_write(path: Path, write) -> Path:
-    return atomic_write(path, write)
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
     """Writes one JSON object a line, atomically (a temporary file renamed into place).
 
@@ -603,7 +578,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
                 raise RecDataError(f"write_jsonl: rows must be mappings, got {type(row).__name__}")
             f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(path, write)
 
 
 def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> Path:
@@ -623,7 +598,106 @@ def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> Path:
                 raise RecDataError(f"write_lines: line {line!r} contains a newline")
             f.write(line + "\n")
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(path, write)
+
+
+def _item_ids(arr: np.ndarray, allow_collisions: bool) -> list[str]:
+    """Each item's semantic-ID string; two items sharing one is an error unless allowed."""
+    sids = [item_id_string(c) for c in arr]
+    if not allow_collisions:
+        first: dict[str, int] = {}
+        for i, s in enumerate(sids):
+            if s in first:
+                raise RecDataError(
+                    f"items {first[s]} and {i} share the ID {s}; semantic IDs must be unique "
+                    "(add a de-duplication level) or pass allow_collisions=True"
+                )
+            first[s] = i
+    return sids
+
+
+def _sequence_task_rows(
+    split: Split,
+    sids: Sequence[str],
+    *,
+    rng_seed: int,
+    items: int,
+    overlap: int,
+    prefix: str,
+    max_rows: int | None,
+) -> tuple[list, list, list]:
+    """The sequence task's train rows (a seeded subset of ``max_rows``), valid and test rows."""
+    train_rows = sequence_rows(
+        split.train_sequences, sids, items=items, overlap=overlap, prefix=prefix
+    )
+    if max_rows is not None and len(train_rows) > max_rows:
+        rng = np.random.default_rng([rng_seed, 1])
+        keep = np.sort(rng.choice(len(train_rows), max_rows, replace=False))
+        train_rows = [train_rows[i] for i in keep]
+    ev = {"items": items, "prefix": prefix}
+    valid_rows = sequence_eval_rows(split, sids, "valid", **ev)
+    test_rows = sequence_eval_rows(split, sids, "test", **ev)
+    return train_rows, valid_rows, test_rows
+
+
+def _popularity(split: Split) -> np.ndarray:
+    """Each item's number of interactions in the training sequences."""
+    pop = np.zeros(split.num_items, dtype=np.int64)
+    for seq in split.train_sequences.values():
+        np.add.at(pop, np.asarray(seq, dtype=np.int64), 1)
+    return pop
+
+
+def _write_task_outputs(
+    out: Path,
+    ds: RecDataset,
+    split: Split,
+    arr: np.ndarray,
+    sids: Sequence[str],
+    desc: Mapping[str, str],
+    rows: tuple[list, list, list],
+    *,
+    rng_seed: int,
+    max_description_words: int | None,
+    max_aux_sequence_rows: int | None,
+    action: str,
+) -> dict[str, Path]:
+    """Writes :func:`write_task_files`' files from the rows it built; returns name -> path."""
+    train_rows, valid_rows, test_rows = rows
+    return {
+        "tokens": write_jsonl(
+            out / "tokens.jsonl", ({"token": t, "description": d} for t, d in desc.items())
+        ),
+        "pairs": write_jsonl(
+            out / "pairs.jsonl",
+            pair_prompts(
+                ds.items, arr, rng_seed=rng_seed, max_description_words=max_description_words
+            ),
+        ),
+        "sft": write_jsonl(out / "sft.jsonl", train_rows),
+        "valid": write_jsonl(out / "valid.jsonl", valid_rows),
+        "test": write_jsonl(out / "test.jsonl", test_rows),
+        "aux": write_jsonl(
+            out / "aux.jsonl",
+            aux_prompts(
+                ds.items,
+                arr,
+                split.train,
+                rng_seed=rng_seed,
+                max_sequence_rows=max_aux_sequence_rows,
+                max_description_words=max_description_words,
+                action=action,
+            ),
+        ),
+        "candidates": write_lines(out / "candidates.txt", dict.fromkeys(sids)),
+        "items": write_jsonl(
+            out / "items.jsonl",
+            (
+                {"index": i, "item_id": it.item_id, "semantic_id": sids[i], "title": it.title}
+                for i, it in enumerate(ds.items)
+            ),
+        ),
+    }
 
 
 def write_task_files(
@@ -682,76 +756,37 @@ def write_task_files(
             f"split was made on {split.num_items} items but ds has {len(ds.items)}; "
             "split the same dataset"
         )
-    sids = [item_id_string(c) for c in arr]
-    if not allow_collisions:
-        first: dict[str, int] = {}
-        for i, s in enumerate(sids):
-            if s in first:
-                raise RecDataError(
-                    f"items {first[s]} and {i} share the ID {s}; semantic IDs must be unique "
-                    "(add a de-duplication level) or pass allow_collisions=True"
-                )
-            first[s] = i
+    sids = _item_ids(arr, allow_collisions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pop = np.zeros(len(ds.items), dtype=np.int64)
-    for seq in split.train_sequences.values():
-        np.add.at(pop, np.asarray(seq, dtype=np.int64), 1)
-    desc = code_descriptions(ds.items, arr, codebook_size=k, popularity=pop)
-    kw = {"history_with_titles": history_with_titles, "action": action}
+    desc = code_descriptions(ds.items, arr, codebook_size=k, popularity=_popularity(split))
     if task == "sequence":
-        train_rows = sequence_rows(
-            split.train_sequences,
+        train_rows, valid_rows, test_rows = _sequence_task_rows(
+            split,
             sids,
+            rng_seed=rng_seed,
             items=sequence_items,
             overlap=sequence_overlap,
             prefix=sequence_prefix,
+            max_rows=max_sequence_rows,
         )
-        if max_sequence_rows is not None and len(train_rows) > max_sequence_rows:
-            rng = np.random.default_rng([rng_seed, 1])
-            keep = np.sort(rng.choice(len(train_rows), max_sequence_rows, replace=False))
-            train_rows = [train_rows[i] for i in keep]
-        ev = {"items": sequence_items, "prefix": sequence_prefix}
-        valid_rows = sequence_eval_rows(split, sids, "valid", **ev)
-        test_rows = sequence_eval_rows(split, sids, "test", **ev)
     elif task == "prompt":
+        kw = {"history_with_titles": history_with_titles, "action": action}
         train_rows = _example_rows(split.train, sids, ds.items, **kw)
         valid_rows = _example_rows(split.valid, sids, ds.items, **kw)
         test_rows = _example_rows(split.test, sids, ds.items, **kw)
     else:
         raise RecDataError(f"task must be 'prompt' or 'sequence', got {task!r}")
-    paths = {
-        "tokens": write_jsonl(
-            out / "tokens.jsonl", ({"token": t, "description": d} for t, d in desc.items())
-        ),
-        "pairs": write_jsonl(
-            out / "pairs.jsonl",
-            pair_prompts(
-                ds.items, arr, rng_seed=rng_seed, max_description_words=max_description_words
-            ),
-        ),
-        "sft": write_jsonl(out / "sft.jsonl", train_rows),
-        "valid": write_jsonl(out / "valid.jsonl", valid_rows),
-        "test": write_jsonl(out / "test.jsonl", test_rows),
-        "aux": write_jsonl(
-            out / "aux.jsonl",
-            aux_prompts(
-                ds.items,
-                arr,
-                split.train,
-                rng_seed=rng_seed,
-                max_sequence_rows=max_aux_sequence_rows,
-                max_description_words=max_description_words,
-                action=action,
-            ),
-        ),
-        "candidates": write_lines(out / "candidates.txt", dict.fromkeys(sids)),
-        "items": write_jsonl(
-            out / "items.jsonl",
-            (
-                {"index": i, "item_id": it.item_id, "semantic_id": sids[i], "title": it.title}
-                for i, it in enumerate(ds.items)
-            ),
-        ),
-    }
-    return paths
+    return _write_task_outputs(
+        out,
+        ds,
+        split,
+        arr,
+        sids,
+        desc,
+        (train_rows, valid_rows, test_rows),
+        rng_seed=rng_seed,
+        max_description_words=max_description_words,
+        max_aux_sequence_rows=max_aux_sequence_rows,
+        action=action,
+    )

@@ -23,7 +23,6 @@ import functools
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gti_jax.io.atomic import temp_dir_beside
+from gti_jax.io.atomic import atomic_dir
 
 __all__ = [
     "SemanticIds",
@@ -746,6 +745,100 @@ def _encode_rq_vae(params, x):
     return codes, last_dist
 
 
+def _check_rq_vae_args(steps, lr, batch_size, latent_dim, dropout, dead_code_restart, hidden):
+    if steps < 0 or lr <= 0 or batch_size < 1 or latent_dim < 1 or not 0 <= dropout < 1:
+        raise ValueError(
+            f"rq_vae needs steps >= 0, lr > 0, batch_size >= 1, latent_dim >= 1 and "
+            f"0 <= dropout < 1; got {steps}, {lr}, {batch_size}, {latent_dim}, {dropout}."
+        )
+    if dead_code_restart < 0:
+        raise ValueError(f"dead_code_restart must be >= 0, got {dead_code_restart}.")
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"rq_vae hidden widths must be >= 1, got {tuple(hidden)}.")
+
+
+def _init_rq_vae(
+    keys,
+    xj,
+    widths: list[int],
+    *,
+    init_count: int,
+    num_levels: int,
+    codebook_size: int,
+    kmeans_iters: int,
+) -> dict[str, Any]:
+    """RQ-VAE's initial parameters: MLP encoder (``widths``) and its mirror as decoder, and
+    codebooks ``[L, K, d]`` from k-means, level by level, on the residuals of ``init_count``
+    random items (``keys``: encoder, decoder, item choice, k-means)."""
+    k_enc, k_dec, k_init, k_cb = keys
+    params = {
+        "enc": _init_mlp(k_enc, widths),
+        "dec": _init_mlp(k_dec, widths[::-1]),
+    }
+    init_idx = jax.random.permutation(k_init, xj.shape[0])[:init_count]
+    residual = _mlp(params["enc"], xj[init_idx], None, 0.0, False)
+    books = []
+    for level_key in jax.random.split(k_cb, num_levels):
+        centers, a = kmeans(residual, codebook_size, key=level_key, iters=kmeans_iters)
+        books.append(centers)
+        residual = residual - centers[a]
+    params["codebooks"] = jnp.stack(books)
+    return params
+
+
+def _fit_rq_vae(
+    xj,
+    key,
+    *,
+    widths: list[int],
+    num_levels: int,
+    codebook_size: int,
+    kmeans_iters: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    commitment: float,
+    dropout: float,
+    restart_every: int,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """:func:`rq_vae`'s parameters, initialized then trained, and its final training losses."""
+    n = xj.shape[0]
+    *init_keys, k_train = jax.random.split(key, 5)
+    params = _init_rq_vae(
+        init_keys,
+        xj,
+        widths,
+        init_count=min(max(batch, codebook_size), n),
+        num_levels=num_levels,
+        codebook_size=codebook_size,
+        kmeans_iters=kmeans_iters,
+    )
+    if steps <= 0:
+        return params, {}
+    params, hist = _train_rq_vae(
+        params,
+        xj,
+        k_train,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        commitment=commitment,
+        dropout=dropout,
+        restart_every=restart_every,
+    )
+    return params, _tail_losses(hist, steps)
+
+
+def _tail_losses(hist, steps: int) -> dict[str, float]:
+    """The mean RQ-VAE losses over the last tenth of training (at least one step)."""
+    tail = np.asarray(hist[-max(1, steps // 10) :]).mean(axis=0)
+    return {
+        "recon_loss": float(tail[0]),
+        "codebook_loss": float(tail[1]),
+        "commitment_loss": float(tail[2]),
+    }
+
+
 def rq_vae(
     x: Any,
     *,
@@ -810,55 +903,22 @@ def rq_vae(
     (64, 64)
     """
     arr = _check_common(x, num_levels, codebook_size, resolve)
-    if steps < 0 or lr <= 0 or batch_size < 1 or latent_dim < 1 or not 0 <= dropout < 1:
-        raise ValueError(
-            f"rq_vae needs steps >= 0, lr > 0, batch_size >= 1, latent_dim >= 1 and "
-            f"0 <= dropout < 1; got {steps}, {lr}, {batch_size}, {latent_dim}, {dropout}."
-        )
-    if dead_code_restart < 0:
-        raise ValueError(f"dead_code_restart must be >= 0, got {dead_code_restart}.")
-    if any(h < 1 for h in hidden):
-        raise ValueError(f"rq_vae hidden widths must be >= 1, got {tuple(hidden)}.")
-    n, d_in = arr.shape
-    batch = min(batch_size, n)
+    _check_rq_vae_args(steps, lr, batch_size, latent_dim, dropout, dead_code_restart, hidden)
     xj = jnp.asarray(arr)
-    k_enc, k_dec, k_init, k_cb, k_train = jax.random.split(_as_key(key), 5)
-    params = {
-        "enc": _init_mlp(k_enc, [d_in, *hidden, latent_dim]),
-        "dec": _init_mlp(k_dec, [latent_dim, *reversed(tuple(hidden)), d_in]),
-    }
-
-    # Codebooks: k-means on the first batch's residuals, level by level.
-    init_idx = jax.random.permutation(k_init, n)[: min(max(batch, codebook_size), n)]
-    residual = _mlp(params["enc"], xj[init_idx], None, 0.0, False)
-    books = []
-    for level_key in jax.random.split(k_cb, num_levels):
-        centers, a = kmeans(residual, codebook_size, key=level_key, iters=kmeans_iters)
-        books.append(centers)
-        residual = residual - centers[a]
-    params["codebooks"] = jnp.stack(books)
-
-    if steps > 0:
-        params, hist = _train_rq_vae(
-            params,
-            xj,
-            k_train,
-            steps=int(steps),
-            batch=int(batch),
-            lr=float(lr),
-            commitment=float(commitment),
-            dropout=float(dropout),
-            restart_every=int(dead_code_restart),
-        )
-        tail = np.asarray(hist[-max(1, steps // 10) :]).mean(axis=0)
-        losses = {
-            "recon_loss": float(tail[0]),
-            "codebook_loss": float(tail[1]),
-            "commitment_loss": float(tail[2]),
-        }
-    else:
-        losses = {}
-
+    params, losses = _fit_rq_vae(
+        xj,
+        _as_key(key),
+        widths=[arr.shape[1], *hidden, latent_dim],
+        num_levels=num_levels,
+        codebook_size=codebook_size,
+        kmeans_iters=kmeans_iters,
+        steps=int(steps),
+        batch=min(batch_size, arr.shape[0]),
+        lr=float(lr),
+        commitment=float(commitment),
+        dropout=float(dropout),
+        restart_every=int(dead_code_restart),
+    )
     codes, last_dist = _encode_rq_vae(params, xj)
     if sinkhorn_last_level:
         codes = codes.at[:, -1].set(sinkhorn_assign(last_dist, epsilon=sinkhorn_epsilon))
@@ -919,9 +979,7 @@ def save_semantic_ids(path_dir: str | os.PathLike, sids: SemanticIds) -> Path:
     dest = Path(path_dir)
     if dest.exists() and not dest.is_dir():
         raise ValueError(f"{dest} exists and is not a directory; choose a directory path.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(dest)
-    try:
+    with atomic_dir(dest) as tmp:
         np.save(tmp / "codes.npy", sids.codes, allow_pickle=False)
         for level, book in enumerate(sids.codebooks):
             np.save(tmp / f"codebook_{level}.npy", book, allow_pickle=False)
@@ -932,16 +990,6 @@ def save_semantic_ids(path_dir: str | os.PathLike, sids: SemanticIds) -> Path:
             "stats": _jsonable(sids.stats),
         }
         (tmp / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if dest.exists():
-            old = temp_dir_beside(dest, "old")
-            os.replace(dest, old / "d")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

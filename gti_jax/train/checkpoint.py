@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -295,17 +296,21 @@ class Checkpointer:
             if jax.process_index() != 0:
                 return
             for step in pending:
-                step_dir = self._dir / str(step)
-                if not self._is_complete(step):
-                    continue
-                try:
-                    files = _checksums(step_dir)
-                except FileNotFoundError:  # removed by orbax's garbage collection meanwhile
-                    continue
-                body = {"format": _CHECKSUMS_FORMAT, "step": step, "files": files}
-                tmp = step_dir / f".{_CHECKSUMS}.tmp"
-                tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
-                tmp.rename(step_dir / _CHECKSUMS)
+                if self._is_complete(step):
+                    self._write_manifest(step)
+
+    def _write_manifest(self, step: int) -> None:
+        """Seals one finished save: its checksum manifest, written to a temporary name and
+        renamed into place (a step orbax's garbage collection removed meanwhile is skipped)."""
+        step_dir = self._dir / str(step)
+        try:
+            files = _checksums(step_dir)
+        except FileNotFoundError:
+            return
+        body = {"format": _CHECKSUMS_FORMAT, "step": step, "files": files}
+        tmp = step_dir / f".{_CHECKSUMS}.tmp"
+        tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
+        tmp.rename(step_dir / _CHECKSUMS)
 
     def seal_finished(self) -> None:
         """Seals the saves that have finished, without waiting for one still in flight."""
@@ -315,8 +320,8 @@ class Checkpointer:
     def verify(self, step: int) -> str | None:
         """Why checkpoint `step` cannot be trusted, or None when it verifies.
 
-        It verifies when orbax finalized it, its checksum manifest exists, every file the
-        manifest lists has the recorded size and SHA-256, orbax restores its meta and reads
+        It verifies when orbax finalized it, every file its checksum manifest lists has the
+        recorded size and SHA-256 (a save without a manifest is checked by orbax alone), orbax restores its meta and reads
         its state's metadata (tree, shapes, dtypes). The arrays are restored, onto the
         caller's shardings, by :meth:`restore`.
         """
@@ -326,7 +331,10 @@ class Checkpointer:
         try:
             manifest = json.loads((step_dir / _CHECKSUMS).read_text())
         except FileNotFoundError:
-            return f"no checksum manifest {_CHECKSUMS} (the save was not sealed)"
+            # Finalized by orbax (an atomic rename) but never sealed: written by a gti_jax
+            # from before checksum manifests, or stopped between orbax's commit and the seal.
+            # Its files are complete; only orbax's own checks below apply to it.
+            manifest = {"format": _CHECKSUMS_FORMAT, "files": {}}
         except (OSError, ValueError) as e:
             return f"unreadable checksum manifest {_CHECKSUMS}: {e}"
         files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -356,8 +364,9 @@ class Checkpointer:
         directory with neither, e.g. made by hand, is not a checkpoint). Every candidate
         newer than the one returned is reported with the reason, newest first, and moved
         aside to ``<step>.unverified`` (so the resumed run can save those steps again;
-        nothing is deleted). A save that was never sealed (the run was killed before)
-        counts as unfinished, not as damage: with nothing else, the run starts afresh.
+        nothing is deleted). A save orbax finalized but that was never sealed (an older
+        gti_jax, or stopped between orbax's commit and the seal) is complete: it verifies by
+        orbax's checks alone and is sealed when it is the one returned.
 
         Returns:
           ``(step, skipped)``: step is None when no checkpoint verifies and none is damaged.
@@ -398,6 +407,15 @@ class Checkpointer:
                 f"no checkpoint in {self.directory} verifies ({reasons}); move the "
                 "directory away to start over, or restore it from a copy"
             )
+        if found is not None and not (self._dir / str(found) / _CHECKSUMS).exists():
+            if jax.process_index() == 0:
+                print(
+                    f"gti_jax.checkpoint: step {found} has no checksum manifest (written before "
+                    "checkpoints were sealed, or stopped before sealing); orbax finalized it, "
+                    "so it is resumed from and sealed now",
+                    file=sys.stderr,
+                )
+                self._write_manifest(found)
         if skipped:
             if jax.process_index() == 0:
                 for bad, _ in skipped:

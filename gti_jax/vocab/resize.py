@@ -286,6 +286,58 @@ def _padded_ids(description_ids: Sequence[Sequence[int]], plan: VocabPlan) -> np
     return out
 
 
+def _check_shapes(arrays: Mapping[str, Any], spec: EmbeddingSpec) -> int:
+    """Checks that the embedding, head and bias agree; returns the table's row count."""
+    embed = arrays["embed"]
+    if np.ndim(embed) != 2:
+        raise ResizeError(
+            f"embedding {'/'.join(map(str, spec.embed))} must be 2-D [V, D], got shape {np.shape(embed)}"
+        )
+    num_rows, dim = np.shape(embed)
+    if "head" in arrays:
+        want = (num_rows, dim) if spec.head_layout == "vd" else (dim, num_rows)
+        if tuple(np.shape(arrays["head"])) != want:
+            raise ResizeError(
+                f"head has shape {tuple(np.shape(arrays['head']))}, expected {want} for head_layout={spec.head_layout!r}; "
+                "check the EmbeddingSpec (a [D, V] kernel needs head_layout='dv')"
+            )
+    if "bias" in arrays and tuple(np.shape(arrays["bias"])) != (num_rows,):
+        raise ResizeError(
+            f"output bias has shape {tuple(np.shape(arrays['bias']))}, expected ({num_rows},)"
+        )
+    return num_rows
+
+
+def _sharded_plan(
+    arrays: Mapping[str, Any],
+    layouts: Mapping[str, str],
+    num_rows: int,
+    num_tokens: int,
+    new_num_tokens: int,
+    *,
+    pad_to_multiple_of: int,
+    allow_shrink: bool,
+) -> VocabPlan:
+    """:func:`plan_resize`, with a grown row count also divisible by the vocabulary shards."""
+    plan = plan_resize(
+        num_rows,
+        num_tokens,
+        new_num_tokens,
+        pad_to_multiple_of=pad_to_multiple_of,
+        allow_shrink=allow_shrink,
+    )
+    shards = max(_vocab_shards(arrays[n], 1 if layouts[n] == "dv" else 0) for n in arrays)
+    if plan.new_num_rows != plan.num_rows and plan.new_num_rows % shards:
+        plan = plan_resize(
+            num_rows,
+            num_tokens,
+            new_num_tokens,
+            pad_to_multiple_of=math.lcm(pad_to_multiple_of, shards),
+            allow_shrink=allow_shrink,
+        )
+    return plan
+
+
 def resize_vocab(
     params: Any,
     spec: EmbeddingSpec,
@@ -349,42 +401,18 @@ def resize_vocab(
     """
     paths = spec.paths()
     arrays = {name: get_path(params, p) for name, p in paths.items()}
-    embed = arrays["embed"]
-    if np.ndim(embed) != 2:
-        raise ResizeError(
-            f"embedding {'/'.join(map(str, spec.embed))} must be 2-D [V, D], got shape {np.shape(embed)}"
-        )
-    num_rows, dim = np.shape(embed)
-    if "head" in arrays:
-        want = (num_rows, dim) if spec.head_layout == "vd" else (dim, num_rows)
-        if tuple(np.shape(arrays["head"])) != want:
-            raise ResizeError(
-                f"head has shape {tuple(np.shape(arrays['head']))}, expected {want} for head_layout={spec.head_layout!r}; "
-                "check the EmbeddingSpec (a [D, V] kernel needs head_layout='dv')"
-            )
-    if "bias" in arrays and tuple(np.shape(arrays["bias"])) != (num_rows,):
-        raise ResizeError(
-            f"output bias has shape {tuple(np.shape(arrays['bias']))}, expected ({num_rows},)"
-        )
-
+    num_rows = _check_shapes(arrays, spec)
     num_tokens = num_rows if num_tokens is None else int(num_tokens)
-    plan = plan_resize(
+    layouts = {"embed": "vd", "head": spec.head_layout, "bias": "bias"}
+    plan = _sharded_plan(
+        arrays,
+        layouts,
         num_rows,
         num_tokens,
         int(new_num_tokens),
         pad_to_multiple_of=pad_to_multiple_of,
         allow_shrink=allow_shrink,
     )
-    layouts = {"embed": "vd", "head": spec.head_layout, "bias": "bias"}
-    shards = max(_vocab_shards(arrays[n], 1 if layouts[n] == "dv" else 0) for n in arrays)
-    if plan.new_num_rows != plan.num_rows and plan.new_num_rows % shards:
-        plan = plan_resize(
-            num_rows,
-            num_tokens,
-            int(new_num_tokens),
-            pad_to_multiple_of=math.lcm(pad_to_multiple_of, shards),
-            allow_shrink=allow_shrink,
-        )
 
     initializer = _named_initializer(init, tuple(sorted((init_kwargs or {}).items())))
     ids = None
@@ -406,11 +434,9 @@ def resize_vocab(
     )
     results = dict(zip(names, fn(key, tuple(arrays[n] for n in names), ids), strict=True))
     by_path = {paths[n]: results[n] for n in names}
-
-    def swap(path, leaf):
-        return by_path.get(_leaf_path(path), leaf)
-
-    return jax.tree_util.tree_map_with_path(swap, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: by_path.get(_leaf_path(path), leaf), params
+    )
 
 
 @functools.lru_cache(maxsize=64)

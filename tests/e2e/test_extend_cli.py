@@ -165,3 +165,7 @@ def test_extend_cli_subprocess_mean_cov(models, tmp_path):
     assert np.linalg.matrix_rank(new - new.mean(0)) == len(NEW_TOKENS) - 1  # spread, not collapsed
     summary = json.loads((out / "gti_extend.json").read_text())
     assert summary["new_ids"] == [n_old, n_old + len(NEW_TOKENS)]
+    # num_tokens/num_rows describe the written checkpoint (as in new_tokens.json)
+    assert summary["base_num_tokens"] == n_old
+    assert summary["num_tokens"] == n_old + len(NEW_TOKENS)
+    assert summary["num_rows"] == rows.shape[0]

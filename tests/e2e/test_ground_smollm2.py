@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gti_jax.diagnostics import effective_rank
+from gti_jax.geometry import effective_rank
 from gti_jax.ground import (
     eval_loss,
     ground_optimizer,

@@ -282,7 +282,7 @@ BASE = dict(
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"model_type": "mistral"}, "model_type"),
+        ({"model_type": "mixtral"}, "model_type"),
         ({"use_sliding_window": True, "model_type": "qwen2"}, "use_sliding_window"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"attention_bias": True}, "attention_bias"),

@@ -252,16 +252,22 @@ def test_no_checkpoint_verifies_names_the_directory(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["2", "4", "6"]  # nothing moved
 
 
-def test_unsealed_save_is_unfinished_not_damaged(tmp_path):
-    """A save whose manifest was never written (killed before sealing) is skipped; alone, it
-    does not stop a fresh start."""
+def test_unsealed_save_is_resumed_from_and_sealed(tmp_path, capfd):
+    """A save orbax finalized but never sealed (an older gti_jax, or stopped between orbax's
+    commit and the seal) is complete: it is resumed from, said so in one line, and sealed;
+    nothing is set aside. A damaged sealed step newer than it is still skipped."""
     _save_three(tmp_path, False)
     (tmp_path / "6" / "gti_checksums.json").unlink()
     with Checkpointer(tmp_path) as ckpt:
         step, skipped = ckpt.newest_verified()
-    assert step == 4 and skipped[0][0] == 6 and "not sealed" in skipped[0][1]
-    for step in (2, 4):
+    assert (step, skipped) == (6, [])
+    err = capfd.readouterr().err
+    assert "step 6 has no checksum manifest" in err and "sealed now" in err, err
+    assert (tmp_path / "6" / "gti_checksums.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["2", "4", "6"]
+    for step in (2, 4):  # unsealed older steps under a damaged sealed newer one
         (tmp_path / str(step) / "gti_checksums.json").unlink()
+    truncate_array(tmp_path / "6")
     with Checkpointer(tmp_path) as ckpt:
-        assert ckpt.newest_verified()[0] is None
-        assert ckpt.all_steps() == []
+        step, skipped = ckpt.newest_verified()
+    assert step == 4 and [s for s, _ in skipped] == [6]

@@ -78,7 +78,7 @@ def test_record_stage_writes_both_stages_with_collapse_then_spread(run_dir):
     assert init["rsa_pearson"] is None  # all new rows equal: correlation undefined
     assert ground["effective_rank"] > 8.0
     assert abs(ground["mean_cos"]) < 0.3
-    assert -1.0 <= ground["rsa_pearson"] <= 1.0 and ground["rsa_num_tokens"] == NUM_NEW
+    assert -1.0 <= ground["rsa_pearson"] <= 1.0 and ground["rsa_num_new"] == NUM_NEW
     # Neighbours come from the real old tokens only (no padding rows, no new rows).
     nbr_ids = [n["id"] for item in init["nearest"] for n in item["neighbors"]]
     assert nbr_ids and all(0 <= i < NUM_OLD for i in nbr_ids)
@@ -155,9 +155,9 @@ def test_nan_code_rows_are_left_out_of_rsa(tmp_path):
     code = np.random.default_rng(1).normal(size=(10, 3))
     code[[0, 4]] = np.nan
     out = dx.record_stage(tmp_path, "ground", table, range(10, 20), codebook_vectors=code)
-    assert out["rsa_num_tokens"] == 8
+    assert out["rsa_num_new"] == 8
     keep = [i for i in range(10) if i not in (0, 4)]
-    from gti_jax.diagnostics import rsa
+    from gti_jax.geometry import rsa
 
     want = rsa(code[keep], table[10:][keep])
     assert out["rsa_pearson"] == pytest.approx(want["rsa_pearson"])
@@ -329,10 +329,10 @@ def test_cli_export_with_tokens_and_codebook(export_dir, tmp_path, capsys):
     d = _strict_json(out / "diagnostics.json")["export"]
     assert d["plots"]["cosine"]["new_ids"] == ids
     assert d["plots"]["new_cosine"]["labels"] == TOKENS
-    assert d["rsa_num_tokens"] == 8 and -1.0 <= d["rsa_pearson"] <= 1.0
+    assert d["rsa_num_new"] == 8 and -1.0 <= d["rsa_pearson"] <= 1.0
     assert all(isinstance(n["text"], str) for item in d["nearest"] for n in item["neighbors"])
     # Same numbers as computing from the safetensors table directly.
-    from gti_jax.diagnostics import effective_rank
+    from gti_jax.geometry import effective_rank
     from gti_jax.io.safetensors import load_dir_tensors
 
     table = load_dir_tensors(export_dir)["model.embed_tokens.weight"]

@@ -1,4 +1,4 @@
-"""Known answers for gti_jax.diagnostics and smoke checks (real PNG bytes) for gti_jax.plots."""
+"""Known answers for gti_jax.geometry and smoke checks (real PNG bytes) for gti_jax.plots."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from gti_jax import diagnostics as dg
+from gti_jax import geometry as dg
 from gti_jax import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -343,7 +343,5 @@ def test_plots_reject_bad_input(tmp_path):
 
 
 def test_importing_the_modules_does_not_import_matplotlib():
-    code = (
-        "import sys, gti_jax.diagnostics, gti_jax.plots; sys.exit(int('matplotlib' in sys.modules))"
-    )
+    code = "import sys, gti_jax.geometry, gti_jax.plots; sys.exit(int('matplotlib' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,7 +1,8 @@
-"""Diagnostics of new-token embeddings: collapse under mean init, structure after GTI.
+"""Geometry of new-token embeddings: collapse under mean init, structure after GTI.
 
 Pure functions over arrays (numpy or jax; everything is pulled to the host and computed in
-float64). They know nothing of files, models or NNX.
+float64). They know nothing of files, models or NNX; :mod:`gti_jax.diagnose` records them for
+a run (``diagnostics.json``, arrays, figures). (This module was ``gti_jax.diagnostics``.)
 
 The paper (arXiv 2604.02324) diagnoses the new-token matrix ``E_new`` ``[N, D]`` with:
 
@@ -414,27 +415,7 @@ def summarize(
     t = np.asarray(table)
     if t.ndim != 2:
         raise ValueError(f"table must be a 2-D [V, D] matrix, got shape {t.shape}.")
-    v = t.shape[0]
-    new = np.asarray(new_ids)
-    if new.ndim != 1 or not np.issubdtype(new.dtype, np.integer):
-        raise ValueError("new_ids must be a 1-D sequence of integer token ids.")
-    new = new.astype(np.int64)
-    if new.size < 2:
-        raise ValueError(f"summarize needs at least 2 new ids, got {new.size}.")
-    if new.min() < 0 or new.max() >= v:
-        raise ValueError(f"new_ids must lie in [0, {v}) (the table's rows); some do not.")
-    if np.unique(new).size != new.size:
-        raise ValueError("new_ids contains duplicates; pass each new token id once.")
-    if old_ids is None:
-        is_old = np.ones((v,), bool)
-        is_old[new] = False
-        old = np.flatnonzero(is_old)
-    else:
-        old = np.asarray(old_ids, dtype=np.int64).reshape(-1)
-        if old.size and (old.min() < 0 or old.max() >= v):
-            raise ValueError(f"old_ids must lie in [0, {v}); some do not.")
-        if np.intersect1d(old, new).size:
-            raise ValueError("old_ids and new_ids overlap; a row is either old or new.")
+    new, old = _new_and_old_ids(new_ids, old_ids, t.shape[0])
     code = None
     if codebook is not None:
         code = _as_matrix(codebook, "codebook")
@@ -464,23 +445,59 @@ def summarize(
     out["old_effective_rank"] = (
         effective_rank(_as_matrix(t[sample], "table[old]")) if sample.size else 0.0
     )
-
-    nearest: list[dict[str, Any]] = []
-    queries = _spread(new, num_nearest)
-    if queries.size and old.size:
-        keep = np.zeros((v,), bool)
-        keep[old] = True
-        ids, cos = nearest_tokens(
-            t[queries], t, k=min(top_k, old.size), exclude_ids=np.flatnonzero(~keep)
-        )
-        for qid, row_ids, row_cos in zip(queries, ids, cos, strict=True):
-            neighbors = []
-            for nid, c in zip(row_ids, row_cos, strict=True):
-                item: dict[str, Any] = {"id": int(nid)}
-                if decode is not None:
-                    item["text"] = str(decode(int(nid)))
-                item["cos"] = float(c)
-                neighbors.append(item)
-            nearest.append({"id": int(qid), "neighbors": neighbors})
-    out["nearest"] = nearest
+    out["nearest"] = _nearest_old(t, _spread(new, num_nearest), old, top_k, decode)
     return out
+
+
+def _new_and_old_ids(
+    new_ids: Sequence[int] | np.ndarray, old_ids: Sequence[int] | np.ndarray | None, v: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`summarize`'s new and old row ids, checked against the table's ``v`` rows."""
+    new = np.asarray(new_ids)
+    if new.ndim != 1 or not np.issubdtype(new.dtype, np.integer):
+        raise ValueError("new_ids must be a 1-D sequence of integer token ids.")
+    new = new.astype(np.int64)
+    if new.size < 2:
+        raise ValueError(f"summarize needs at least 2 new ids, got {new.size}.")
+    if new.min() < 0 or new.max() >= v:
+        raise ValueError(f"new_ids must lie in [0, {v}) (the table's rows); some do not.")
+    if np.unique(new).size != new.size:
+        raise ValueError("new_ids contains duplicates; pass each new token id once.")
+    if old_ids is None:
+        is_old = np.ones((v,), bool)
+        is_old[new] = False
+        return new, np.flatnonzero(is_old)
+    old = np.asarray(old_ids, dtype=np.int64).reshape(-1)
+    if old.size and (old.min() < 0 or old.max() >= v):
+        raise ValueError(f"old_ids must lie in [0, {v}); some do not.")
+    if np.intersect1d(old, new).size:
+        raise ValueError("old_ids and new_ids overlap; a row is either old or new.")
+    return new, old
+
+
+def _nearest_old(
+    t: np.ndarray,
+    queries: np.ndarray,
+    old: np.ndarray,
+    top_k: int,
+    decode: Callable[[int], str] | None,
+) -> list[dict[str, Any]]:
+    """The ``top_k`` nearest old rows (by cosine) of each query row, as :func:`summarize` lists."""
+    nearest: list[dict[str, Any]] = []
+    if not (queries.size and old.size):
+        return nearest
+    keep = np.zeros((t.shape[0],), bool)
+    keep[old] = True
+    ids, cos = nearest_tokens(
+        t[queries], t, k=min(top_k, old.size), exclude_ids=np.flatnonzero(~keep)
+    )
+    for qid, row_ids, row_cos in zip(queries, ids, cos, strict=True):
+        neighbors = []
+        for nid, c in zip(row_ids, row_cos, strict=True):
+            item: dict[str, Any] = {"id": int(nid)}
+            if decode is not None:
+                item["text"] = str(decode(int(nid)))
+            item["cos"] = float(c)
+            neighbors.append(item)
+        nearest.append({"id": int(qid), "neighbors": neighbors})
+    return nearest
