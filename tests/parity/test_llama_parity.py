@@ -118,6 +118,7 @@ def _greedy(model, ids, mask, steps):
     return np.stack([np.asarray(t) for t in tokens], 1), np.stack(step_logits, 1)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_greedy_generation_matches_transformers(ckpt):
     family, _, hf, model, tok = ckpt
     ids, mask = _batch(tok, padded=True)
@@ -321,6 +322,7 @@ def test_rope_theta_read_from_either_place():
     assert hash(legacy) == hash(LlamaConfig.from_hf_dict(legacy.to_hf_dict()))
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_resize_export_reload_parity(ckpt, tmp_path):
     """After extend + resize_vocab on the NNX model, export -> transformers reload: logits over
     the whole new vocabulary agree within 1e-4 and 16 greedy tokens are identical."""

@@ -74,6 +74,7 @@ def _greedy_reference(model, prompt, n, eos=()):
     return out
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_greedy_equals_uncached_argmax_and_batch_equals_single(model):
     out = generate(model, PROMPTS, max_new_tokens=N)
     assert out.tokens.shape == (3, N)
@@ -129,6 +130,7 @@ def test_sampling_deterministic_top_k_and_top_p(flat_model):
         generate(flat_model, PROMPTS, max_new_tokens=N, temperature=1.0)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_padding_rows_never_chosen():
     model = _model(seed=2)
     num_tokens = 40
@@ -205,6 +207,7 @@ def _candidates():
     return [list(c) for i, c in enumerate(combos) if i % 3 != 1][:12]
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("eos", [None, 4])
 def test_constrained_valid_and_exhaustive(flat_model, eos):
     cands = _candidates()
@@ -221,6 +224,7 @@ def test_constrained_valid_and_exhaustive(flat_model, eos):
     assert more.sequences[0] == full.sequences[0] and np.isneginf(more.scores[0, 12:]).all()
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_callable_constraint_matches_trie(flat_model):
     eos = 4
     trie = TrieConstraint.from_sequences(_candidates(), eos_id=eos)

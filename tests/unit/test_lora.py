@@ -48,6 +48,7 @@ def _lora(model, dropout=0.0, targets=TARGETS):
     return apply_lora(model, rank=4, alpha=8.0, dropout=dropout, targets=targets, rngs=nnx.Rngs(1))
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_zero_init_keeps_logits_and_input_model():
     base = _model()
     ids = jnp.asarray(_batch().input_ids)
@@ -63,6 +64,7 @@ def test_zero_init_keeps_logits_and_input_model():
     assert q.lora_b.get_metadata()["out_sharding"] == ("lora_rank", "heads", "head_dim")
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_sft_trains_only_adapters_embed_and_head(tied):
     lora = _lora(_model(tied))
@@ -117,6 +119,7 @@ def test_lora_dropout_uses_the_step_key():
     )
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_full_sft_trains_everything_and_accumulates():
     model = _model(False)
     results = []
@@ -155,6 +158,7 @@ def test_errors():
         make_sft_step(model, _tx(), lora=True)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_step_with_target_positions_equals_full_logits(lora):
     """``Batch.targets`` (logits at target positions only) gives the same step."""

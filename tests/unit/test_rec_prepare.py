@@ -215,6 +215,7 @@ def test_item_embeddings_mask_padding(tiny):
     np.testing.assert_array_equal(again, mixed)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_item_embeddings_are_mean_of_hidden_states(tiny):
     model, tok = tiny
     text = "hello world"
