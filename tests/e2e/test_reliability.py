@@ -286,11 +286,11 @@ def test_disk_full_writing_the_export(task, tmp_path, capsys, monkeypatch):
     argv = _args(task, run_dir)
     real_write = st_io._write
 
-    def half_then_full(path, tensors, metadata):
-        real_write(path, tensors, metadata)
-        with open(path, "r+b") as f:  # the disk filled up half-way through the file
-            f.truncate(path.stat().st_size // 2)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    def half_then_full(f, tensors, metadata):  # f: the open temporary file
+        real_write(f, tensors, metadata)
+        f.flush()
+        f.truncate(f.tell() // 2)  # the disk filled up half-way through the file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f.name))
 
     monkeypatch.setattr(st_io, "_write", half_then_full)
     rc, err = _main(argv, capsys)
