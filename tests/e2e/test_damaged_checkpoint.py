@@ -16,42 +16,22 @@ import pytest
 
 from gti_jax.train.__main__ import main
 from gti_jax.train.checkpoint import load_rows
-from tests.helpers.tiny_task import make_tiny_task, results_without_timing, sha256
+from tests.helpers.damage import drop_metadata, flip_bit, truncate_array
+from tests.helpers.tiny_task import results_without_timing, sha256
 
-EXTRA = ("checkpoint.every=2", "checkpoint.keep=9", "log_every=1", "eval.max_examples=3")
+# three trainer runs
+pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
-
-
-@pytest.fixture(scope="module")
-def reference(task, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert main(task.with_args(*EXTRA, f"run_dir={run_dir}")) == 0
-    return run_dir
+# the tiny task's own settings (checkpoints every 2 steps), every checkpoint kept, and the
+# loss logged at every step like the reference run (tiny_run)
+EXTRA = ("checkpoint.keep=9", "log_every=1")
 
 
-def _array_file(step_dir):
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
-    return max(files, key=lambda p: p.stat().st_size)
-
-
-def _truncate(step_dir):
-    p = _array_file(step_dir)
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-
-
-def _flip_bit(step_dir):
-    p = _array_file(step_dir)
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    p.write_bytes(bytes(data))
-
-
-def _drop_metadata(step_dir):
-    (step_dir / "state" / "_METADATA").unlink()
+@pytest.fixture
+def reference(tiny_run):
+    """The session's uninterrupted run of the tiny task (tests/e2e/conftest.py): the
+    checkpoints kept do not change what a run computes."""
+    return tiny_run
 
 
 def _loss_curve(run_dir):
@@ -76,9 +56,9 @@ def test_damaged_checkpoints_are_skipped_and_resume_is_exact(
     # a copy for the none-verifies case below
     shutil.copytree(ckpt_dir, tmp_path / "copy")
 
-    _truncate(ckpt_dir / "10")
-    _flip_bit(ckpt_dir / "8")
-    _drop_metadata(ckpt_dir / "6")
+    truncate_array(ckpt_dir / "10")
+    flip_bit(ckpt_dir / "8")
+    drop_metadata(ckpt_dir / "6")
     capsys.readouterr()
     assert main(args) == 0, capsys.readouterr().err[-3000:]
     err = capsys.readouterr().err
@@ -105,7 +85,7 @@ def test_damaged_checkpoints_are_skipped_and_resume_is_exact(
 
     # none verifies: one line naming the directory, nothing trained or moved
     for step in (2, 4, 6, 8, 10):
-        _flip_bit(tmp_path / "copy" / str(step))
+        flip_bit(tmp_path / "copy" / str(step))
     shutil.rmtree(ckpt_dir)
     shutil.copytree(tmp_path / "copy", ckpt_dir)
     before = sorted(p.name for p in ckpt_dir.iterdir())

@@ -15,6 +15,9 @@ import pytest
 
 from tests.helpers.hf_models import make_tiny_hf_model
 
+# 4 trainer runs (2 arms x 2 seeds) and a subprocess
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "experiment.py"
 WORDS = ["red", "green", "blue", "gold", "dark", "tiny", "old", "new", "wild", "calm", "odd", "far"]

@@ -1,10 +1,10 @@
-"""`python -m gti_jax.extend` end to end on tiny random transformers checkpoints."""
+"""`python -m gti_jax.extend` end to end on tiny random transformers checkpoints.
+
+Its bad-input cases (one error line, nothing written) are in test_bad_input.py."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +13,8 @@ import transformers
 
 from gti_jax import extend
 from tests.helpers.hf_models import make_tiny_hf_model
+from tests.helpers.tiny_task import train_env
 
-REPO = Path(__file__).resolve().parents[2]
 NEW_TOKENS = [f"<{c}_{i}>" for c in "ab" for i in range(6)]
 
 
@@ -133,9 +133,9 @@ def test_qwen2_spare_rows_are_used_without_growth(models, tmp_path):
     )  # the tokens fit in the padding
 
 
+@pytest.mark.slow  # a subprocess
 def test_extend_cli_subprocess_mean_cov(models, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run(
         [
             sys.executable,
@@ -154,7 +154,7 @@ def test_extend_cli_subprocess_mean_cov(models, tmp_path):
         ],
         capture_output=True,
         text=True,
-        env=env,
+        env=train_env(),
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
@@ -169,104 +169,3 @@ def test_extend_cli_subprocess_mean_cov(models, tmp_path):
     assert summary["base_num_tokens"] == n_old
     assert summary["num_tokens"] == n_old + len(NEW_TOKENS)
     assert summary["num_rows"] == rows.shape[0]
-
-
-def _truncate(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst)
-    f = dst / "model.safetensors"
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    return dst
-
-
-BAD = {
-    "missing model dir": (lambda m, t: ["--model", str(t / "nope")], "no such directory"),
-    "dir without config": (lambda m, t: ["--model", str(t)], "config.json"),
-    "config not json": (
-        lambda m, t: ["--model", str(_copy_with(m, t / "c", "config.json", "{oops"))],
-        "not valid JSON",
-    ),
-    "truncated safetensors": (
-        lambda m, t: ["--model", str(_truncate(m, t / "trunc"))],
-        "truncated",
-    ),
-    "tokens file missing": (lambda m, t: ["--tokens", str(t / "none.jsonl")], "none.jsonl"),
-    "malformed jsonl": (
-        lambda m, t: ["--tokens", str(_write(t / "bad.jsonl", '{"token": "<a_1>"}\n{token: 1}\n'))],
-        "bad.jsonl:2",
-    ),
-    "duplicate tokens": (
-        lambda m, t: ["--tokens", str(_write(t / "d.txt", "<a_1>\n<a_1>\n"))],
-        "more than once",
-    ),
-    "already in vocab": (
-        lambda m, t: ["--tokens", str(_write(t / "e.txt", "<|im_end|>\n"))],
-        "--skip-existing",
-    ),
-    "whitespace token": (
-        lambda m, t: ["--tokens", str(_write(t / "w.jsonl", '{"token": "  "}\n'))],
-        "whitespace",
-    ),
-    "empty tokens file": (lambda m, t: ["--tokens", str(_write(t / "empty.txt", ""))], "empty"),
-    "description missing": (
-        lambda m, t: [
-            "--tokens",
-            str(_write(t / "nd.jsonl", '{"token": "<a_1>"}\n')),
-            "--init",
-            "description",
-        ],
-        "description",
-    ),
-    "unknown init": (lambda m, t: ["--init", "zeros"], "unknown initializer"),
-    "bad init arg": (lambda m, t: ["--init", "normal", "--init-arg", "sdt=1"], "bad arguments"),
-    "init arg format": (lambda m, t: ["--init-arg", "std"], "NAME=VALUE"),
-    "bad padding": (lambda m, t: ["--pad-to-multiple-of", "0"], "pad-to-multiple-of"),
-    "out exists": (lambda m, t: ["--out", str(t)], "already exists"),
-    "out parent missing": (lambda m, t: ["--out", str(t / "x" / "y")], "does not exist"),
-}
-
-
-def _write(path, text):
-    Path(path).write_text(text)
-    return path
-
-
-def _copy_with(src, dst, name, text):
-    import shutil
-
-    shutil.copytree(src, dst)
-    (dst / name).write_text(text)
-    return dst
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_one_line_error_and_nothing_written(models, tmp_path, capsys, case):
-    make_args, needle = BAD[case]
-    work = tmp_path / "work"
-    work.mkdir()
-    out = tmp_path / "out"
-    args = {
-        "--model": str(models["llama"]),
-        "--tokens": str(_tokens_file(work / "ok.jsonl")),
-        "--out": str(out),
-    }
-    extra = make_args(models["llama"], work)
-    rest = []
-    i = 0
-    while i < len(extra):
-        if extra[i] in args:
-            args[extra[i]] = extra[i + 1]
-        else:
-            rest += extra[i : i + 2]
-        i += 2
-    before = set(tmp_path.iterdir())
-    rc = extend.main([x for kv in args.items() for x in kv] + rest)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert needle in err[0], err[0]
-    assert set(tmp_path.iterdir()) == before  # no --out, no temporary directory left behind
-    if args["--out"] == str(out):
-        assert not out.exists()

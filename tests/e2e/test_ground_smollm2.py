@@ -8,14 +8,15 @@ raise the effective rank of the new-token matrix far above one, touching no othe
 
 from __future__ import annotations
 
+import copy
 import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from gti_jax.geometry import effective_rank
-from gti_jax.models import load_pretrained
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batcher, Example, encode_examples
 from gti_jax.train.ground import (
@@ -27,6 +28,9 @@ from gti_jax.train.ground import (
 )
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
 from gti_jax.vocab.tokens import extend_tokenizer
+
+# 32 grounding steps of the real 135M model
+pytestmark = pytest.mark.slow
 
 ENTITIES = {
     "<paris>": "Paris, the capital of France",
@@ -58,9 +62,10 @@ def _pairs() -> list[Example]:
     return out
 
 
-def test_grounding_smollm2_spreads_new_tokens():
+def test_grounding_smollm2_spreads_new_tokens(smollm2):
     t0 = time.perf_counter()
-    model, tok = load_pretrained("smollm2-135m")
+    model, tok = smollm2
+    tok = copy.deepcopy(tok)  # the session's tokenizer: new tokens go to a copy
     n_old = len(tok)
     ids = extend_tokenizer(tok, list(ENTITIES))
     new_ids = range(ids[0], ids[-1] + 1)

@@ -31,23 +31,20 @@ import pytest
 
 from gti_jax.train.checkpoint import load_rows
 from tests.helpers.tiny_task import (
-    make_tiny_task,
     results_without_timing,
     sha256,
     train_command,
     train_env,
 )
 
+# trainer subprocesses started and killed over and over; the slowest tests of the suite
+pytestmark = pytest.mark.slow
+
 G, S = 12, 12
 EXTRA = (f"ground.steps={G}", f"sft.steps={S}", "log_every=1", "checkpoint.every=3")
 # A step is resumable once gti_jax seals it with its checksum manifest (written after orbax
 # finalized the save); orbax's own marker alone may be a save killed before it was sealed.
 SEALED = "gti_checksums.json"
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
 
 
 def _args(task, run_dir, *more):
@@ -170,7 +167,6 @@ def _expected_resume(step: int | None, meta: dict | None) -> str | None:
     return f"{'grounding' if meta['stage'] == 'ground' else 'fine-tuning'} {meta['step']}"
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_bitwise(task, reference, tmp_path):
     run_dir = tmp_path / "run"
     ckpt_dir = run_dir / "checkpoints"

@@ -27,7 +27,7 @@ from gti_jax.models.sharding import make_mesh
 from gti_jax.train.checkpoint import Checkpointer, load_rows
 from gti_jax.train.config import load_config
 from gti_jax.train.run import run
-from tests.helpers.tiny_task import make_tiny_task, results_without_timing, train_command, train_env
+from tests.helpers.tiny_task import results_without_timing, train_command, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gti_jax.rec import data as rd
+
+pytestmark = pytest.mark.slow  # subprocesses on the real MovieLens-100k
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,39 +23,13 @@ import pytest
 import gti_jax.io.safetensors as st_io
 from gti_jax.errors import BadInput, GtiError, RunFailed
 from gti_jax.train.__main__ import main
-from tests.helpers.tiny_task import make_tiny_task, train_command, train_env
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
+from tests.helpers.tiny_task import train_command, train_env
 
 
 def _args(task, run_dir, *extra, ground=0, sft=0, eval_=False, candidates=False):
     """Overrides running only the stages asked for (later `extra` ones win)."""
-    args = [
-        f"model={task.model}",
-        f"data.tokens={task.tokens}",
-        f"ground.steps={ground}",
-        f"sft.steps={sft}",
-        "ground.lr=0.01",
-        "ground.batch_size=4",
-        "sft.batch_size=4",
-        "eval.beams=6",
-        "eval.k=[1,3]",
-        "eval.max_new_tokens=4",
-        "checkpoint.every=2",
-        "log_every=2",
-        "pad_to_multiple_of=8",
-        f"run_dir={run_dir}",
-    ]
-    if sft:
-        args.append(f"data.sft={task.sft}")
-    if eval_:
-        args.append(f"data.eval={task.eval}")
-    if candidates:
-        args.append(f"data.candidates={task.candidates}")
-    return [*args, *extra]
+    stages = task.stage_args(ground=ground, sft=sft, eval_=eval_, candidates=candidates)
+    return [*stages, f"run_dir={run_dir}", *extra]
 
 
 def _one_error_line(err: str) -> str:
@@ -192,6 +166,7 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.slow  # a trainer subprocess
 def test_baseline_without_training_writes_and_keeps_results(task, tmp_path, umask_022):
     """``python -m gti_jax.train`` with ground.steps=0 sft.steps=0 and token, eval and
     candidate files: initialize, don't train, evaluate. It used to fail drawing loss.png and
@@ -217,6 +192,7 @@ def test_baseline_without_training_writes_and_keeps_results(task, tmp_path, umas
     assert _mode(run_dir / "results.json") == 0o644
 
 
+@pytest.mark.slow  # trains or evaluates
 @pytest.mark.parametrize("init", ["mean_noise", "mean_cov", "normal", "description"])
 def test_evaluate_only_with_any_init(task, tmp_path, capsys, init):
     run_dir = tmp_path / "run"
@@ -228,6 +204,7 @@ def test_evaluate_only_with_any_init(task, tmp_path, capsys, init):
     assert not (run_dir / "loss.png").exists()
 
 
+@pytest.mark.slow  # trains or evaluates
 def test_ground_only(task, tmp_path, capsys, umask_022):
     run_dir = tmp_path / "run"
     rc, err = _main(_args(task, run_dir, "export.hf=false", ground=4), capsys)
@@ -240,6 +217,7 @@ def test_ground_only(task, tmp_path, capsys, umask_022):
     assert not _temporaries(run_dir)
 
 
+@pytest.mark.slow  # trains or evaluates
 def test_sft_only(task, tmp_path, capsys):
     run_dir = tmp_path / "run"
     rc, err = _main(_args(task, run_dir, "export.hf=false", sft=4), capsys)
@@ -309,11 +287,11 @@ def test_disk_full_writing_the_export(task, tmp_path, capsys, monkeypatch):
     argv = _args(task, run_dir)
     real_write = st_io._write
 
-    def half_then_full(path, tensors, metadata):
-        real_write(path, tensors, metadata)
-        with open(path, "r+b") as f:  # the disk filled up half-way through the file
-            f.truncate(path.stat().st_size // 2)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    def half_then_full(f, tensors, metadata):  # f: the open temporary file
+        real_write(f, tensors, metadata)
+        f.flush()
+        f.truncate(f.tell() // 2)  # the disk filled up half-way through the file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f.name))
 
     monkeypatch.setattr(st_io, "_write", half_then_full)
     rc, err = _main(argv, capsys)
@@ -331,6 +309,7 @@ def test_disk_full_writing_the_export(task, tmp_path, capsys, monkeypatch):
     assert tensors["model.embed_tokens.weight"].shape[0] % 8 == 0
 
 
+@pytest.mark.slow  # trains or evaluates
 def test_disk_full_writing_a_checkpoint(task, tmp_path, capsys, monkeypatch):
     """The checkpoint of step 4 fails half-way (its meta file cannot be written): step 2
     stays the newest complete checkpoint, and the re-run resumes from it."""

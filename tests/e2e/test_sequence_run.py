@@ -8,7 +8,9 @@ import pytest
 
 from gti_jax.train.config import load_config
 from gti_jax.train.run import run
-from tests.helpers.tiny_task import TOKENS, make_tiny_task
+from tests.helpers.tiny_task import TOKENS
+
+pytestmark = pytest.mark.slow  # a trainer run
 
 
 def _segments(ids, first_target):
@@ -19,9 +21,8 @@ def _segments(ids, first_target):
 
 
 @pytest.fixture(scope="module")
-def seq_run(tmp_path_factory):
+def seq_run(task, tmp_path_factory):
     root = tmp_path_factory.mktemp("seq")
-    task = make_tiny_task(root)
     # users walk the tokens in order, from different starts; the next token is the target
     sft = root / "seq_sft.jsonl"
     with open(sft, "w") as f:

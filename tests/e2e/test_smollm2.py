@@ -5,6 +5,9 @@ independent forward pass: the plain-numpy Llama of `tests/helpers/numpy_llama.py
 same dequantized weights (float32; Q4_1 weights dequantized by the GGUF reader). The two
 agree to 0.1%; a broken RoPE, Q/K permutation, norm or cache moves it far outside (the
 unpermuted Q/K weights roughly triple the perplexity of a simple sentence).
+
+The model is loaded once per session (the `smollm2` and `smollm2_gguf` fixtures of
+tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gti_jax.models import gguf, load_pretrained
 from gti_jax.models.decode import beam_search, generate, score_sequences
 from tests.helpers.numpy_llama import perplexity as numpy_perplexity
+
+pytestmark = pytest.mark.slow  # the real model: numpy forward pass, decoding
 
 PARAGRAPH = (
     "The sun rises in the east and sets in the west. Every morning, people wake up, "
@@ -27,12 +31,7 @@ PARAGRAPH = (
 PPL_TOL = 1e-3  # float32 against float32: accumulation order only
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_pretrained("smollm2-135m")
-
-
-def test_perplexity_of_a_paragraph(smollm2):
+def test_perplexity_of_a_paragraph(smollm2, smollm2_gguf):
     model, tok = smollm2
     ids = tok.encode(PARAGRAPH)
     assert len(ids) > 40
@@ -43,7 +42,7 @@ def test_perplexity_of_a_paragraph(smollm2):
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(ids[1:])[:, None], 1)
     assert abs(float(jnp.exp(nll.mean())) - ppl) < 1e-3 * ppl
     # the reference: the numpy forward on the same weights
-    cfg, weights, _ = gguf.load_gguf("smollm2-135m")
+    cfg, weights, _ = smollm2_gguf
     want = numpy_perplexity(cfg, weights, np.asarray(ids))
     assert abs(ppl - want) < PPL_TOL * want, (ppl, want)
 

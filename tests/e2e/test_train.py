@@ -2,11 +2,6 @@
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,37 +12,14 @@ from gti_jax.train.__main__ import main
 from gti_jax.train.config import load_config
 from gti_jax.train.run import run
 from tests.helpers.tiny_task import (
-    REPO,
     TOKENS,
-    make_tiny_task,
+    capture_export,
     results_without_timing,
     sha256,
 )
 
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    t = make_tiny_task(tmp_path_factory.mktemp("task"))
-    return {"root": t.root, "model": t.model, "args": t.args}
-
-
 _sha = sha256
 _results = results_without_timing
-
-
-def _capture_export(monkeypatch) -> dict:
-    """Records the model the trainer hands to the export (its final in-memory model)."""
-    import gti_jax.models as models
-
-    seen = {}
-    real = models.export_hf_dir
-
-    def export(model, *args, **kwargs):
-        seen["model"] = model
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(models, "export_hf_dir", export)
-    return seen
 
 
 def _assert_export_logits_match(jax_model, export_dir):
@@ -66,14 +38,13 @@ def _assert_export_logits_match(jax_model, export_dir):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def full_run(task, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full") / "run"
-    cfg = load_config(None, task["args"] + [f"run_dir={run_dir}"])
-    run(cfg)
-    return run_dir
+@pytest.fixture
+def full_run(tiny_run):
+    """The session's uninterrupted run of the tiny task (tests/e2e/conftest.py)."""
+    return tiny_run
 
 
+@pytest.mark.slow  # the session's whole tiny run
 def test_full_run_writes_every_artifact(full_run, task):
     r = json.loads((full_run / "results.json").read_text())
     for key in (
@@ -117,6 +88,7 @@ def test_full_run_writes_every_artifact(full_run, task):
     )
 
 
+@pytest.mark.slow  # the session's whole tiny run
 def test_retrieval_metrics_equal_an_independent_ranking(full_run, task):
     """Recall@K, NDCG@K and the valid rate in results.json equal those of a ranking made
     here from the exported model's own scores (transformers, float64 log-softmax).
@@ -133,9 +105,9 @@ def test_retrieval_metrics_equal_an_independent_ranking(full_run, task):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32)
     num_tokens = json.loads((full_run / "new_tokens.json").read_text())["num_tokens"]
     end = end_of_turn_id(tok)
-    cands = (task["root"] / "cands.txt").read_text().split()
+    cands = (task.root / "cands.txt").read_text().split()
     cand_ids = [tok.convert_tokens_to_ids(c) for c in cands]
-    examples = [json.loads(x) for x in (task["root"] / "eval.jsonl").read_text().splitlines()]
+    examples = [json.loads(x) for x in (task.root / "eval.jsonl").read_text().splitlines()]
     ranks = []
     for ex in examples:
         prompt = [int(i) for i in encode_prompt(tok, ex["prompt"])]
@@ -159,19 +131,20 @@ def test_retrieval_metrics_equal_an_independent_ranking(full_run, task):
     assert r["valid_rate"] == 1.0  # all six hypotheses of each prompt are candidates
 
 
+@pytest.mark.slow  # trainer runs
 def test_grounding_changes_only_new_rows(full_run, task, monkeypatch):
     """Old rows of the exported embedding and head equal the base model's old rows, and the
     export reloaded in transformers gives the grounded model's logits."""
     from gti_jax.io.safetensors import load_dir_tensors
 
-    seen = _capture_export(monkeypatch)
+    seen = capture_export(monkeypatch)
 
     # a grounding-only run: nothing else may change
-    base = load_dir_tensors(task["model"])
+    base = load_dir_tensors(task.model)
     info = json.loads((full_run / "new_tokens.json").read_text())
     start = info["new_ids"][0]
     out_dir = full_run.parent / "ground_only"
-    cfg = load_config(None, task["args"] + [f"run_dir={out_dir}", "sft.steps=0"])
+    cfg = load_config(None, task.args + [f"run_dir={out_dir}", "sft.steps=0"])
     run(cfg)
     new = load_dir_tensors(out_dir / "export")
     for name, arr in base.items():
@@ -186,15 +159,18 @@ def test_grounding_changes_only_new_rows(full_run, task, monkeypatch):
     _assert_export_logits_match(seen["model"], out_dir / "export")
 
 
-@pytest.mark.parametrize("stops", [[3], [9], [2, 8]])
-def test_resume_equals_uninterrupted(full_run, task, tmp_path, stops):
-    """Stopping during grounding (step 3) or fine-tuning (global step 9) and re-running the
-    same command ends with bitwise the same export and the same results."""
+@pytest.mark.slow  # trainer runs
+def test_resume_equals_uninterrupted(full_run, task, tmp_path):
+    """Stopping four times, each time re-running the same command: during grounding at a
+    checkpoint step (2) and between checkpoints (3, one step after resuming), during
+    fine-tuning at a checkpoint step (global 8) and between checkpoints (9); the run still
+    ends with bitwise the same export and the same results as an uninterrupted one.
+    (One run directory for the cases [3], [9] and [2, 8] that used to run separately.)"""
     run_dir = tmp_path / "run"
-    cfg = load_config(None, task["args"] + [f"run_dir={run_dir}"])
+    cfg = load_config(None, task.args + [f"run_dir={run_dir}"])
     from gti_jax.train.run import Preempted
 
-    for stop in stops:
+    for stop in (2, 3, 8, 9):
         os.environ["GTI_JAX_STOP_AT_STEP"] = str(stop)
         try:
             with pytest.raises(Preempted):
@@ -206,59 +182,6 @@ def test_resume_equals_uninterrupted(full_run, task, tmp_path, stops):
         full_run / "export" / "model.safetensors"
     )
     assert _results(run_dir) == _results(full_run)
-
-
-def test_sigterm_saves_checkpoint_and_resumes(task, full_run, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "gti_jax.train",
-        *task["args"],
-        f"run_dir={run_dir}",
-        "ground.steps=400",
-        "checkpoint.every=1000",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and not (
-        metrics.is_file() and metrics.read_text().count("\n") >= 2
-    ):
-        time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=240)
-    assert p.returncode == 75, err[-2000:]
-    assert "re-run the same command to resume" in err
-    m = re.search(r"stopped during grounding after step (\d+)/400", err)
-    assert m, err[-2000:]
-    stopped = int(m.group(1))
-    steps = [int(d.name) for d in (run_dir / "checkpoints").iterdir() if d.name.isdigit()]
-    assert max(steps) == stopped < 400  # the checkpoint of the step it stopped after
-    # the same command resumes from that checkpoint and finishes
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed grounding at step {stopped}/400" in r.stderr, r.stderr[-3000:]
-    assert (run_dir / "results.json").is_file() and (run_dir / "export").is_dir()
-
-
-def test_bad_config_one_line(capsys, tmp_path):
-    assert main(["sft.stpes=3", f"run_dir={tmp_path / 'r'}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "did you mean 'sft.steps'" in err[0]
-    assert not (tmp_path / "r").exists()
-
-
-def test_missing_data_file_one_line(task, capsys, tmp_path):
-    args = [a for a in task["args"] if not a.startswith("data.sft=")] + [
-        f"data.sft={tmp_path / 'nope.jsonl'}",
-        f"run_dir={tmp_path / 'r'}",
-    ]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nope.jsonl" in err[0]
-    assert not (tmp_path / "r").exists()
 
 
 def test_help_lists_keys(capsys):
@@ -276,22 +199,19 @@ def test_help_lists_keys(capsys):
         assert key in out
 
 
-def test_lora_run_exports_merged_model(task, tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    seen = _capture_export(monkeypatch)
-    cfg = load_config(
-        None,
-        task["args"]
-        + [f"run_dir={run_dir}", "sft.lora_rank=4", "ground.steps=2", "sft.steps=3", "sft.lr=0.01"],
-    )
-    run(cfg)
+@pytest.mark.slow  # the session's whole tiny run
+def test_lora_run_exports_merged_model(task, full_run, tiny_run_model):
+    """The tiny run fine-tunes with LoRA (the default, rank 8): its export holds the base
+    model's tensor names only, with the adapters merged into the kernels, and computes the
+    trainer's final logits."""
+    run_dir = full_run
     from gti_jax.io.safetensors import load_dir_tensors
 
     names = set(load_dir_tensors(run_dir / "export"))
     assert not any("lora" in n for n in names)
-    base = load_dir_tensors(task["model"])
+    base = load_dir_tensors(task.model)
     assert names == set(base)
     new = load_dir_tensors(run_dir / "export")
     changed = [n for n in base if "q_proj.weight" in n and not np.array_equal(new[n], base[n])]
     assert changed  # LoRA updates were merged into the kernels
-    _assert_export_logits_match(seen["model"], run_dir / "export")
+    _assert_export_logits_match(tiny_run_model, run_dir / "export")

@@ -21,12 +21,10 @@ from gti_jax.io.safetensors import load_dir_tensors
 from gti_jax.train.__main__ import main
 from gti_jax.train.checkpoint import load_rows
 from tests.helpers.gguf_models import llama_cpp_order, write_tiny_gguf
-from tests.helpers.tiny_task import NAMES, TOKENS, make_tiny_task
+from tests.helpers.tiny_task import NAMES, TOKENS
 
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("task"))
+# two whole trainer runs
+pytestmark = pytest.mark.slow
 
 
 def _sharded_copy(model_dir, out):

@@ -20,7 +20,7 @@ import numpy as np
 from gti_jax.models import gguf as gg
 from tests.helpers.tokenizers import CHATML_TEMPLATE, SPECIAL_TOKENS, tiny_tokenizer
 
-__all__ = ["llama_cpp_order", "write_tiny_gguf"]
+__all__ = ["llama_cpp_order", "write_gguf", "write_tiny_gguf"]
 
 
 def llama_cpp_order(w: np.ndarray, heads: int) -> np.ndarray:
@@ -69,34 +69,81 @@ def write_tiny_gguf(path: str | os.PathLike, *, seed: int = 0) -> dict[str, np.n
         p + "input_layernorm.weight": 1.0 + r(d, scale=0.1),
         p + "post_attention_layernorm.weight": 1.0 + r(d, scale=0.1),
     }
+    special = tok.convert_tokens_to_ids(SPECIAL_TOKENS[0])
+    write_gguf(
+        path,
+        hf,
+        heads=h,
+        kv_heads=kv,
+        tokens=tokens,
+        token_types=[3 if t in SPECIAL_TOKENS else 1 for t in tokens],
+        merges=merges,
+        bos_id=special,
+        eos_id=special,
+        context_length=256,
+        chat_template=CHATML_TEMPLATE,
+    )
+    return hf
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    hf: dict[str, np.ndarray],
+    *,
+    heads: int,
+    kv_heads: int,
+    tokens: list[str],
+    token_types: list[int],
+    merges: list[str],
+    bos_id: int,
+    eos_id: int,
+    arch: str = "llama",
+    context_length: int = 64,
+    chat_template: str | None = None,
+) -> None:
+    """Writes a 1-layer Llama GGUF (F32) from Hugging Face-named tensors.
+
+    Q/K rows are stored in llama.cpp's order (:func:`llama_cpp_order`), as its converter
+    does; the tokenizer is byte-level BPE (``gpt2``) metadata; RoPE base 10000, RMS eps 1e-6.
+
+    Args:
+        path: the ``.gguf`` file to write.
+        hf: the weights under Hugging Face names (layer 0 only; ``lm_head.weight`` optional).
+        heads, kv_heads: attention heads and key/value heads.
+        tokens, token_types, merges: the vocabulary (ids in list order), GGUF token types
+            (1 normal, 3 control) and BPE merges.
+        bos_id, eos_id: the special token ids.
+        arch: ``general.architecture`` (anything but "llama" is unsupported by the loader).
+        context_length: ``{arch}.context_length``.
+        chat_template: ``tokenizer.chat_template``, or None for none.
+    """
     to_gguf = {hf_name: g for g, hf_name in gg._GLOBAL_MAP.items()}
     to_gguf |= {f"model.layers.0.{k}": f"blk.0.{g}" for g, k in gg._LAYER_MAP.items()}
-
-    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    w = gguf.GGUFWriter(os.fspath(path), arch)
     w.add_block_count(1)
-    w.add_context_length(256)
-    w.add_embedding_length(d)
-    w.add_feed_forward_length(f)
-    w.add_head_count(h)
-    w.add_head_count_kv(kv)
+    w.add_context_length(context_length)
+    w.add_embedding_length(hf["model.embed_tokens.weight"].shape[1])
+    w.add_feed_forward_length(hf["model.layers.0.mlp.gate_proj.weight"].shape[0])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(v)
+    w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    w.add_token_types(token_types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(tok.convert_tokens_to_ids(SPECIAL_TOKENS[0]))
-    w.add_eos_token_id(tok.convert_tokens_to_ids(SPECIAL_TOKENS[0]))
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_bos_token_id(bos_id)
+    w.add_eos_token_id(eos_id)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for name, x in hf.items():
         if name.endswith("q_proj.weight"):
-            x = llama_cpp_order(x, h)
+            x = llama_cpp_order(x, heads)
         elif name.endswith("k_proj.weight"):
-            x = llama_cpp_order(x, kv)
+            x = llama_cpp_order(x, kv_heads)
         w.add_tensor(to_gguf[name], x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return hf

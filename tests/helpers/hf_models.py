@@ -1,6 +1,10 @@
-"""Tiny random Hugging Face checkpoints built offline with torch, for parity tests.
+"""Tiny random models for tests: gti_jax Llama modules and Hugging Face checkpoints.
 
-Families (2 layers each, float32, safetensors, with the tiny test tokenizer):
+:func:`tiny_llama` builds a gti_jax ``LlamaForCausalLM`` in memory (random init, no files);
+every unit test that needs a small model takes it from here, with the sizes it needs.
+:func:`make_tiny_hf_model` builds a transformers checkpoint offline with torch and saves it.
+
+Hugging Face families (2 layers each, float32, safetensors, with the tiny test tokenizer):
 
 - "llama": tied embeddings, GQA (4 heads / 2 kv heads), Llama-3 RoPE scaling.
 - "qwen2": untied head, q/k/v biases, GQA, embedding padded past the tokenizer (spare rows).
@@ -25,6 +29,44 @@ import transformers
 from tests.helpers.tokenizers import save_tiny_tokenizer
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def tiny_llama(
+    vocab_size: int,
+    *,
+    hidden_size: int = 16,
+    intermediate_size: int = 32,
+    layers: int = 1,
+    heads: int = 2,
+    kv_heads: int = 1,
+    tied: bool = False,
+    seed: int = 0,
+):
+    """A randomly initialized gti_jax ``LlamaForCausalLM`` (float32, default RoPE).
+
+    Args:
+        vocab_size: embedding rows.
+        hidden_size, intermediate_size, layers, heads, kv_heads: the architecture.
+        tied: whether the head shares the embedding.
+        seed: the ``nnx.Rngs`` seed of the initialization.
+
+    Returns:
+        The model.
+    """
+    from flax import nnx
+
+    from gti_jax.models import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
 
 
 def tiny_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:

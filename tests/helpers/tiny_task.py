@@ -25,8 +25,10 @@ from tests.helpers.hf_models import make_tiny_hf_model
 __all__ = [
     "NAMES",
     "REPO",
+    "SETTINGS",
     "TOKENS",
     "TinyTask",
+    "capture_export",
     "make_tiny_task",
     "results_without_timing",
     "sha256",
@@ -37,6 +39,18 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 TOKENS = [f"<i_{i}>" for i in range(6)]
 NAMES = ["red apple", "green pear", "blue berry", "yellow banana", "orange fruit", "purple grape"]
+# every run of the tiny task: small batches, a short beam search, frequent checkpoints
+SETTINGS = (
+    "ground.lr=0.01",
+    "ground.batch_size=4",
+    "sft.batch_size=4",
+    "eval.beams=6",
+    "eval.k=[1,3]",
+    "eval.max_new_tokens=4",
+    "checkpoint.every=2",
+    "log_every=2",
+    "pad_to_multiple_of=8",
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,23 @@ class TinyTask:
     def with_args(self, *extra: str) -> list[str]:
         """`args` with `extra` overrides appended (later ones win)."""
         return [*self.args, *extra]
+
+    def stage_args(
+        self, *, ground: int = 0, sft: int = 0, eval_: bool = False, candidates: bool = False
+    ) -> list[str]:
+        """Overrides that run only the stages asked for: `ground` and `sft` steps (0: the
+        stage is skipped, and without sft no fine-tuning file is given), evaluation on the
+        eval file (`eval_`) with constrained decoding (`candidates`); extension and export
+        always run. The same settings as `args` otherwise."""
+        args = [f"model={self.model}", f"data.tokens={self.tokens}"]
+        args += [f"ground.steps={ground}", f"sft.steps={sft}", *SETTINGS]
+        if sft:
+            args.append(f"data.sft={self.sft}")
+        if eval_:
+            args.append(f"data.eval={self.eval}")
+        if candidates:
+            args.append(f"data.candidates={self.candidates}")
+        return args
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -109,16 +140,8 @@ def make_tiny_task(root: str | os.PathLike, *, family: str = "qwen3") -> TinyTas
         f"data.eval={eval_}",
         f"data.candidates={candidates}",
         "ground.steps=6",
-        "ground.lr=0.01",
         "sft.steps=6",
-        "ground.batch_size=4",
-        "sft.batch_size=4",
-        "eval.beams=6",
-        "eval.k=[1,3]",
-        "eval.max_new_tokens=4",
-        "checkpoint.every=2",
-        "log_every=2",
-        "pad_to_multiple_of=8",
+        *SETTINGS,
     ]
     return TinyTask(root, model, tokens, sft, eval_, candidates, args)
 
@@ -143,3 +166,19 @@ def results_without_timing(run_dir: str | os.PathLike) -> dict:
     r = json.loads((Path(run_dir) / "results.json").read_text())
     r.pop("wall_seconds", None)
     return r
+
+
+def capture_export(monkeypatch) -> dict:
+    """Records the model the trainer hands to the export (its final in-memory model) under
+    the key "model" of the returned dict."""
+    import gti_jax.models as models
+
+    seen = {}
+    real = models.export_hf_dir
+
+    def export(model, *args, **kwargs):
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(models, "export_hf_dir", export)
+    return seen

@@ -9,6 +9,9 @@ from jax.sharding import PartitionSpec as P
 
 from gti_jax.train.checkpoint import Checkpointer
 
+# SPMD programs over 8 fake devices: minutes of compiling on 2 cores
+pytestmark = pytest.mark.slow
+
 
 def _mesh(rows, cols):
     return Mesh(np.array(jax.devices()).reshape(rows, cols), ("data", "model"))

@@ -24,6 +24,9 @@ from gti_jax.models.sharding import (
 )
 from tests.helpers.hf_models import make_tiny_hf_model
 
+# SPMD programs over 8 fake devices: minutes of compiling on 2 cores
+pytestmark = pytest.mark.slow
+
 AXES = {"data": 2, "fsdp": 2, "tensor": 2}
 _forward = nnx.jit(lambda m, ids, mask: m(ids, attention_mask=mask))
 _prefill = nnx.jit(lambda m, ids, mask, cache: m(ids, attention_mask=mask, cache=cache))

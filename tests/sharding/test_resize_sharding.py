@@ -12,6 +12,9 @@ from jax.sharding import PartitionSpec as P
 from gti_jax.vocab import resize as R
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
 
+# SPMD programs over 8 fake devices: minutes of compiling on 2 cores
+pytestmark = pytest.mark.slow
+
 
 def _mesh(shape):
     return Mesh(np.array(jax.devices()).reshape(shape), ("x", "y"))

@@ -13,13 +13,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.models import LlamaForCausalLM
 from gti_jax.models.sharding import make_mesh, state_shardings
 from gti_jax.train.config import GroundConfig, SFTConfig
 from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.ground import ground_optimizer, make_ground_step, split_new_rows
 from gti_jax.train.lora import apply_lora
 from gti_jax.train.steps import make_sft_step, sft_optimizer
+from tests.helpers.hf_models import tiny_llama
+
+# SPMD programs over 8 fake devices: minutes of compiling on 2 cores
+pytestmark = pytest.mark.slow
 
 VOCAB = 64
 NEW = range(56, 62)
@@ -27,16 +31,7 @@ MESHES = {"2x2x2": {"data": 2, "fsdp": 2, "tensor": 2}, "8x1": {"fsdp": 8, "tens
 
 
 def _model(tied: bool) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    return tiny_llama(VOCAB, hidden_size=32, heads=4, kv_heads=2, tied=tied)
 
 
 def _batch(seed: int, targets: bool = False) -> Batch:

@@ -19,6 +19,7 @@ from gti_jax.train.checkpoint import (
     load_rows,
     save_rows,
 )
+from tests.helpers.damage import drop_metadata, flip_bit, truncate_array
 
 
 def _state(seed=0):
@@ -206,28 +207,6 @@ def test_rows_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _array_file(step_dir):
-    """The largest file of the state item (an array chunk)."""
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
-    return max(files, key=lambda p: p.stat().st_size)
-
-
-def _truncate(step_dir):
-    p = _array_file(step_dir)
-    p.write_bytes(p.read_bytes()[:-7])
-
-
-def _flip_bit(step_dir):
-    p = _array_file(step_dir)
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    p.write_bytes(bytes(data))
-
-
-def _drop_metadata(step_dir):
-    (step_dir / "state" / "_METADATA").unlink()
-
-
 def _save_three(directory, async_save):
     with Checkpointer(directory, keep=5, async_save=async_save) as ckpt:
         for step in (2, 4, 6):
@@ -237,9 +216,9 @@ def _save_three(directory, async_save):
 @pytest.mark.parametrize(
     ("damage", "why"),
     [
-        (_truncate, r"has \d+ bytes, \d+ were saved"),
-        (_flip_bit, "does not match its saved SHA-256"),
-        (_drop_metadata, "state/_METADATA is missing"),
+        (truncate_array, r"has \d+ bytes, \d+ were saved"),
+        (flip_bit, "does not match its saved SHA-256"),
+        (drop_metadata, "state/_METADATA is missing"),
     ],
 )
 @pytest.mark.parametrize("async_save", [False, True])
@@ -264,7 +243,7 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path, damage, why, async_save)
 def test_no_checkpoint_verifies_names_the_directory(tmp_path):
     _save_three(tmp_path, False)
     for step in (2, 4, 6):
-        _flip_bit(tmp_path / str(step))
+        flip_bit(tmp_path / str(step))
     with Checkpointer(tmp_path) as ckpt:
         with pytest.raises(NoVerifiedCheckpointError) as e:
             ckpt.newest_verified()
@@ -288,7 +267,7 @@ def test_unsealed_save_is_resumed_from_and_sealed(tmp_path, capfd):
     assert sorted(os.listdir(tmp_path)) == ["2", "4", "6"]
     for step in (2, 4):  # unsealed older steps under a damaged sealed newer one
         (tmp_path / str(step) / "gti_checksums.json").unlink()
-    _truncate(tmp_path / "6")
+    truncate_array(tmp_path / "6")
     with Checkpointer(tmp_path) as ckpt:
         step, skipped = ckpt.newest_verified()
     assert step == 4 and [s for s, _ in skipped] == [6]

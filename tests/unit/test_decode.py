@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from gti_jax.models import LlamaConfig, LlamaForCausalLM, load_hf_dir
+from gti_jax.models import LlamaForCausalLM, load_hf_dir
 from gti_jax.models import decode as dec
 from gti_jax.models.decode import (
     DecodeError,
@@ -22,7 +22,7 @@ from gti_jax.models.decode import (
     generate,
     score_sequences,
 )
-from tests.helpers.hf_models import make_tiny_hf_model
+from tests.helpers.hf_models import make_tiny_hf_model, tiny_llama
 
 V = 48
 PROMPTS = [[5, 9, 2, 7, 11], [3], [8, 8, 1]]
@@ -31,16 +31,9 @@ N = 4  # new tokens: one value everywhere, so tests share compiled functions
 
 def _model(seed: int = 0, head_scale: float = 40.0) -> LlamaForCausalLM:
     """A tiny random model whose head is scaled so next-token distributions are peaked."""
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
+    model = tiny_llama(
+        V, hidden_size=32, intermediate_size=64, layers=2, heads=4, kv_heads=2, seed=seed
     )
-    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
     model.lm_head.kernel[...] = model.lm_head.kernel[...] * head_scale
     return model
 
@@ -81,6 +74,7 @@ def _greedy_reference(model, prompt, n, eos=()):
     return out
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_greedy_equals_uncached_argmax_and_batch_equals_single(model):
     out = generate(model, PROMPTS, max_new_tokens=N)
     assert out.tokens.shape == (3, N)
@@ -136,6 +130,7 @@ def test_sampling_deterministic_top_k_and_top_p(flat_model):
         generate(flat_model, PROMPTS, max_new_tokens=N, temperature=1.0)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_padding_rows_never_chosen():
     model = _model(seed=2)
     num_tokens = 40
@@ -212,6 +207,7 @@ def _candidates():
     return [list(c) for i, c in enumerate(combos) if i % 3 != 1][:12]
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("eos", [None, 4])
 def test_constrained_valid_and_exhaustive(flat_model, eos):
     cands = _candidates()
@@ -228,6 +224,7 @@ def test_constrained_valid_and_exhaustive(flat_model, eos):
     assert more.sequences[0] == full.sequences[0] and np.isneginf(more.scores[0, 12:]).all()
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_callable_constraint_matches_trie(flat_model):
     eos = 4
     trie = TrieConstraint.from_sequences(_candidates(), eos_id=eos)

@@ -9,12 +9,12 @@ llama.cpp's order.
 import importlib.util
 import pathlib
 
-import gguf
 import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from gti_jax.models import gguf as gg
+from tests.helpers.gguf_models import llama_cpp_order, write_gguf
 from tests.helpers.numpy_llama import forward as _forward
 from tests.helpers.numpy_llama import perplexity as _perplexity
 
@@ -27,18 +27,10 @@ PPL_FIXED = 3.73
 PPL_UNFIXED = 11.15
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    return gg.load_gguf("smollm2-135m")
-
-
-# --------------------------------------------------------------------------- numpy Llama
-
-
-def _permute(w, n):
-    """llama.cpp's converter permutation (HF -> GGUF row order), the inverse of the fix."""
-    rows, cols = w.shape
-    return w.reshape(n, 2, rows // n // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+@pytest.fixture
+def smollm(smollm2_gguf):
+    """The real model's (config, tensors, tokenizer), read once per session (conftest.py)."""
+    return smollm2_gguf
 
 
 # --------------------------------------------------------------------------- real model
@@ -148,6 +140,7 @@ def test_tokenizer_save_and_reload(smollm, tmp_path):
     assert (again.eos_token_id, again.pad_token_id, again.bos_token_id) == (2, 2, 1)
 
 
+@pytest.mark.slow  # numpy forward passes of the real model
 def test_perplexity_and_greedy_paris(smollm):
     cfg, w, tok = smollm
     ids = np.array(tok.encode(SENTENCE))
@@ -160,13 +153,18 @@ def test_perplexity_and_greedy_paris(smollm):
     assert tok.decode(ids[5:]).startswith(" Paris")
 
 
+@pytest.mark.slow  # numpy forward passes of the real model
 def test_without_qk_unpermute_perplexity_is_much_worse(smollm):
     cfg, w, tok = smollm
     raw = dict(w)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}.self_attn."
-        raw[p + "q_proj.weight"] = _permute(w[p + "q_proj.weight"], cfg["num_attention_heads"])
-        raw[p + "k_proj.weight"] = _permute(w[p + "k_proj.weight"], cfg["num_key_value_heads"])
+        raw[p + "q_proj.weight"] = llama_cpp_order(
+            w[p + "q_proj.weight"], cfg["num_attention_heads"]
+        )
+        raw[p + "k_proj.weight"] = llama_cpp_order(
+            w[p + "k_proj.weight"], cfg["num_key_value_heads"]
+        )
     ppl = _perplexity(cfg, raw, np.array(tok.encode(SENTENCE)))
     assert ppl == pytest.approx(PPL_UNFIXED, rel=0.05)
     assert ppl > 2.5 * PPL_FIXED
@@ -211,35 +209,18 @@ def _write_tiny_llama(path, *, arch="llama", untied=True, rng=None):
     }
     if untied:
         hf["lm_head.weight"] = r(v, d)
-    to_gguf = {hf_name: g for g, hf_name in gg._GLOBAL_MAP.items()}
-    to_gguf |= {f"model.layers.0.{k}": f"blk.0.{g}" for g, k in gg._LAYER_MAP.items()}
-
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(d)
-    w.add_feed_forward_length(f)
-    w.add_head_count(h)
-    w.add_head_count_kv(kv)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(v)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 1, 1, 1, 1, 1, 1])
-    w.add_token_merges(["a b", "Ġ a"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(0)
-    for name, x in hf.items():
-        if name.endswith("q_proj.weight"):
-            x = _permute(x, h)
-        elif name.endswith("k_proj.weight"):
-            x = _permute(x, kv)
-        w.add_tensor(to_gguf[name], x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(
+        path,
+        hf,
+        arch=arch,
+        heads=h,
+        kv_heads=kv,
+        tokens=tokens,
+        token_types=[3, 3, 1, 1, 1, 1, 1, 1],
+        merges=["a b", "Ġ a"],
+        bos_id=1,
+        eos_id=0,
+    )
     return hf
 
 
@@ -261,8 +242,8 @@ def test_tiny_llama_round_trip_untied(tmp_path):
 
 def test_unpermute_inverts_llama_cpp_permutation():
     x = np.random.default_rng(1).standard_normal((3 * 64, 5)).astype(np.float32)
-    np.testing.assert_array_equal(gg.unpermute_qk(_permute(x, 3), 3), x)
-    assert not np.array_equal(_permute(x, 3), x)
+    np.testing.assert_array_equal(gg.unpermute_qk(llama_cpp_order(x, 3), 3), x)
+    assert not np.array_equal(llama_cpp_order(x, 3), x)
 
 
 def test_unsupported_architecture_is_named(tmp_path):

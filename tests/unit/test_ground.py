@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.models import LlamaForCausalLM
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.ground import (
@@ -24,22 +24,14 @@ from gti_jax.train.ground import (
     split_new_rows,
 )
 from gti_jax.train.steps import hidden_lm_loss, lr_schedule, masked_lm_loss
+from tests.helpers.hf_models import tiny_llama
 
 VOCAB, DIM = 64, 16
 NEW = range(52, 60)  # rows 60..63 are padding rows that stay frozen
 
 
 def _model(tied: bool, seed: int = 0) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=DIM,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    return tiny_llama(VOCAB, hidden_size=DIM, tied=tied, seed=seed)
 
 
 def _batch(seed: int = 0, b: int = 4, t: int = 12) -> Batch:
@@ -83,6 +75,7 @@ def _adam_sizes(opt_state):
     return sizes
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("tied", [True, False])
 def test_grounding_changes_only_new_rows(tied):
     model = _model(tied)
@@ -134,6 +127,7 @@ def test_optimizer_state_holds_only_new_rows(tied):
     assert total == 2 * per_moment + sum(1 for x in jax.tree.leaves(opt_state) if np.ndim(x) == 0)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("tied", [True, False])
 def test_step_loss_equals_model_with_joined_rows(tied):
     model = _model(tied, seed=1)
@@ -163,6 +157,7 @@ def _with_targets(batch: Batch, width: int = 8) -> Batch:
     return batch._replace(targets=target_positions(list(batch.loss_mask), t, width))
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("tied", [True, False])
 def test_target_positions_give_the_full_logits_step(tied):
     """Projecting only the target positions changes nothing but the cost."""
@@ -254,6 +249,7 @@ def test_max_prefix_bounds_the_prefix():
     assert off.prefix_for(late) == 0
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("tied", [True, False])
 def test_grad_free_prefix_step_equals_full_backward(tied):
     """Skipping the backward pass over the shared prefix changes nothing but the cost."""
@@ -290,6 +286,7 @@ def test_grad_accumulation_matches_one_shot():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_compiles_once_per_bucket():
     graphdef, state = nnx.split(_model(True))
     step = make_ground_step(graphdef, state, NEW, _tx(steps=10), tied=True)

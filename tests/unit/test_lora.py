@@ -8,27 +8,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gti_jax.models import LlamaConfig, LlamaForCausalLM
+from gti_jax.models import LlamaForCausalLM
 from gti_jax.train.config import SFTConfig
 from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.lora import LoRAError, LoRAParam, apply_lora, lora_modules, merge_lora
 from gti_jax.train.steps import StepError, make_sft_step, sft_optimizer
+from tests.helpers.hf_models import tiny_llama
 
 VOCAB = 48
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _model(tied: bool = True) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    return tiny_llama(VOCAB, intermediate_size=24, tied=tied)
 
 
 def _batch(seed: int = 0, b: int = 4, t: int = 10) -> Batch:
@@ -56,6 +48,7 @@ def _lora(model, dropout=0.0, targets=TARGETS):
     return apply_lora(model, rank=4, alpha=8.0, dropout=dropout, targets=targets, rngs=nnx.Rngs(1))
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_zero_init_keeps_logits_and_input_model():
     base = _model()
     ids = jnp.asarray(_batch().input_ids)
@@ -71,6 +64,7 @@ def test_zero_init_keeps_logits_and_input_model():
     assert q.lora_b.get_metadata()["out_sharding"] == ("lora_rank", "heads", "head_dim")
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_sft_trains_only_adapters_embed_and_head(tied):
     lora = _lora(_model(tied))
@@ -125,6 +119,7 @@ def test_lora_dropout_uses_the_step_key():
     )
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_full_sft_trains_everything_and_accumulates():
     model = _model(False)
     results = []
@@ -163,6 +158,7 @@ def test_errors():
         make_sft_step(model, _tx(), lora=True)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_step_with_target_positions_equals_full_logits(lora):
     """``Batch.targets`` (logits at target positions only) gives the same step."""

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from gti_jax.models import LlamaConfig, LlamaForCausalLM
 from gti_jax.pipeline import load_config
 from gti_jax.rec import data as rd
 from gti_jax.rec.config import RecConfig
@@ -16,6 +14,7 @@ from gti_jax.rec.embed import item_embeddings
 from gti_jax.rec.prepare import OUTPUT_FILES, PrepareError, prepare
 from gti_jax.rec.prompts import code_token
 from gti_jax.rec.semantic_ids import load_semantic_ids
+from tests.helpers.hf_models import tiny_llama
 from tests.helpers.tokenizers import tiny_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "rec"
@@ -34,15 +33,7 @@ CSV_KEYS = [
 @pytest.fixture(scope="module")
 def tiny():
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), tok
+    return tiny_llama(len(tok), layers=2), tok
 
 
 def _fixture_dataset():
@@ -225,6 +216,7 @@ def test_item_embeddings_mask_padding(tiny):
     np.testing.assert_array_equal(again, mixed)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 def test_item_embeddings_are_mean_of_hidden_states(tiny):
     model, tok = tiny
     text = "hello world"

@@ -71,6 +71,7 @@ def _bits(x):
     return np.asarray(x).view(np.uint16 if np.asarray(x).dtype.itemsize == 2 else np.uint32)
 
 
+@pytest.mark.slow  # tens of seconds of compiling on 2 cores
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=hst.sampled_from(["dict", "nnx", "hf"]),
