@@ -42,9 +42,10 @@ pytestmark = pytest.mark.slow
 
 G, S = 12, 12
 EXTRA = (f"ground.steps={G}", f"sft.steps={S}", "log_every=1", "checkpoint.every=3")
-# A step is resumable once gti_jax seals it with its checksum manifest (written after orbax
-# finalized the save); orbax's own marker alone may be a save killed before it was sealed.
-SEALED = "gti_checksums.json"
+# A step is resumable once orbax finalized it (its commit is an atomic rename that leaves
+# _CHECKPOINT_METADATA) or gti_jax sealed it with its checksum manifest; a save killed between
+# orbax's commit and the seal is complete, is resumed from and sealed then.
+RESUMABLE = ("gti_checksums.json", "_CHECKPOINT_METADATA")
 
 
 def _args(task, run_dir, *more):
@@ -79,11 +80,13 @@ def _done(run_dir: Path, stage: str) -> bool:
 
 
 def _complete_steps(ckpt_dir: Path) -> list[int]:
-    """The checkpoints a resuming run may take (a step directory sealed by its manifest)."""
+    """The checkpoints a resuming run may take (finalized by orbax or sealed by gti_jax)."""
     if not ckpt_dir.is_dir():
         return []
     return sorted(
-        int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and (p / SEALED).is_file()
+        int(p.name)
+        for p in ckpt_dir.iterdir()
+        if p.name.isdigit() and any((p / f).is_file() for f in RESUMABLE)
     )
 
 
