@@ -37,6 +37,32 @@ _ARCHITECTURES = {
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def hf_common_fields(
+    d: Mapping[str, Any], theta: float, scaling: Any, *, max_positions: int, tied: bool
+) -> dict[str, Any]:
+    """The `config.json` fields every family reads the same way, as constructor keywords
+    (`max_positions` and `tied` are the family's defaults when the file omits them)."""
+    heads = d.get("num_attention_heads")
+    eos = d.get("eos_token_id")
+    return {
+        "vocab_size": d.get("vocab_size"),
+        "hidden_size": d.get("hidden_size"),
+        "intermediate_size": d.get("intermediate_size"),
+        "num_hidden_layers": d.get("num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": d.get("num_key_value_heads") or heads,
+        "head_dim": d.get("head_dim"),
+        "rms_norm_eps": float(d.get("rms_norm_eps", 1e-6)),
+        "rope_theta": float(theta),
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(d.get("max_position_embeddings", max_positions)),
+        "tie_word_embeddings": bool(d.get("tie_word_embeddings", tied)),
+        "bos_token_id": d.get("bos_token_id"),
+        "eos_token_id": tuple(eos) if isinstance(eos, list) else eos,
+        "pad_token_id": d.get("pad_token_id"),
+    }
+
+
 def _freeze(x: Any) -> Any:
     """Turns dicts and lists into hashable tuples (used only for hashing)."""
     if isinstance(x, Mapping):
@@ -273,27 +299,11 @@ class LlamaConfig:
                 "'full_attention')"
             )
         theta, scaling = _rope_from_hf(d)
-        eos = d.get("eos_token_id")
-        heads = d.get("num_attention_heads")
         return cls(
-            vocab_size=d.get("vocab_size"),
-            hidden_size=d.get("hidden_size"),
-            intermediate_size=d.get("intermediate_size"),
-            num_hidden_layers=d.get("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            **hf_common_fields(d, theta, scaling, max_positions=2048, tied=False),
             attention_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             model_type=model_type,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=d.get("pad_token_id"),
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
         )
 

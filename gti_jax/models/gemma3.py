@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gti_jax.models.config import _ARCHITECTURES, ConfigError, LlamaConfig
+from gti_jax.models.config import _ARCHITECTURES, ConfigError, LlamaConfig, hf_common_fields
 from gti_jax.models.llama import MLP, Attention, Dense, Embed, LlamaForCausalLM, _param, _zeros
 
 __all__ = ["Gemma3Config", "Gemma3ForCausalLM", "LAYER_TYPES"]
@@ -209,8 +209,6 @@ class Gemma3Config(LlamaConfig):
                     f"config.json {field} rope_type={kind!r} is not supported for Gemma 3 "
                     "(only 'default' and 'linear')"
                 )
-        heads = d.get("num_attention_heads")
-        eos = d.get("eos_token_id")
         layer_types = d.get("layer_types")
         pattern = d.get("sliding_window_pattern") or 6
         if not layer_types and isinstance(d.get("num_hidden_layers"), int):
@@ -220,21 +218,7 @@ class Gemma3Config(LlamaConfig):
                 )
             layer_types = _pattern_layer_types(d["num_hidden_layers"], pattern)
         return cls(
-            vocab_size=d.get("vocab_size"),
-            hidden_size=d.get("hidden_size"),
-            intermediate_size=d.get("intermediate_size"),
-            num_hidden_layers=d.get("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=d.get("pad_token_id"),
+            **hf_common_fields(d, theta, scaling, max_positions=131072, tied=True),
             sliding_window=d.get("sliding_window", 4096),
             layer_types=tuple(layer_types) if layer_types else None,
             query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
