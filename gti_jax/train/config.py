@@ -40,6 +40,7 @@ from gti_jax.vocab.initializers import INITIALIZERS
 __all__ = [
     "HELP_HEADER",
     "CheckpointConfig",
+    "ComputeConfig",
     "ConfigError",
     "DataConfig",
     "DistributedConfig",
@@ -62,6 +63,8 @@ DType = Literal["float32", "bfloat16"]
 Direction = Literal["text_to_token", "token_to_text"]
 LoraTarget = Literal[tuple(LORA_TARGETS)]  # type: ignore[valid-type]
 NanPolicy = Literal["stop", "skip"]
+Remat = Literal["none", "full", "dots"]
+Attention = Literal["einsum", "dot_product"]
 
 HELP_HEADER = (
     "usage: python -m gti_jax.train [--config FILE] [key=value ...]",
@@ -277,6 +280,27 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class ComputeConfig:
+    """How the steps compute: memory and speed trade-offs that leave the loss and gradients
+    equal up to floating-point rounding (bf16 parameters excepted)."""
+
+    remat: Remat = "none"
+    """Rematerialization per decoder layer: none (keep activations), full (recompute each
+    layer in the backward pass), dots (save only matmul outputs)."""
+
+    attention: Attention = "einsum"
+    """Attention kernel: einsum (plain softmax(QK^T)V) or dot_product
+    (jax.nn.dot_product_attention, which lets the backend pick a fused kernel)."""
+
+    param_dtype: DType = "float32"
+    """Dtype the parameters are kept in during training; the optimizer state stays float32."""
+
+    loss_chunk: int = 0
+    """Vocabulary columns per chunk of the cross-entropy, so no step holds more than one
+    chunk of logits; 0: automatic (chunked only past a size threshold)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The trainer: extend -> initialize -> ground -> fine-tune -> evaluate -> export."""
 
@@ -337,6 +361,9 @@ class TrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     """Outputs."""
 
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    """Memory and speed options of the compiled steps."""
+
 
 # --------------------------------------------------------------------------------------------
 # Value checks (ranges and cross-field rules), one line each.
@@ -351,6 +378,7 @@ def _check_top(cfg: TrainConfig) -> None:
     at_least("log_every", cfg.log_every, 1)
     at_least("max_skipped_steps", cfg.max_skipped_steps, 0)
     at_least("data.max_len", cfg.data.max_len, 2)
+    at_least("compute.loss_chunk", cfg.compute.loss_chunk, 0)
 
 
 def _check_stages(ground: GroundConfig, sft: SFTConfig) -> None:
