@@ -405,6 +405,22 @@ def test_eval_loss_is_the_users_loss_with_the_rows_in_place():
     assert float(s) == pytest.approx(float(want_s), rel=1e-6)
 
 
+def test_fold_back_into_a_bf16_table_keeps_old_rows_and_casts_new_ones():
+    tree, table, head = _maxtext(False)
+    tree = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)
+    spec = EmbeddingSpec.maxtext(tied=False)
+    rows = split_rows(tree, spec, NEW)
+    assert rows.embed.dtype == jnp.float32  # the trained rows are float32 ...
+    rows = jax.tree.map(lambda x: x + 1e-3, rows)
+    out = fold_back(tree, spec, NEW, rows)
+    new_table = get_path(out, spec.embed)
+    assert new_table.dtype == jnp.bfloat16  # ... the table keeps its dtype
+    old_table = np.asarray(get_path(tree, spec.embed).astype(jnp.float32))
+    got = np.asarray(new_table.astype(jnp.float32))
+    np.testing.assert_array_equal(got[OLD], old_table[OLD])
+    np.testing.assert_array_equal(got[NEW], np.asarray(rows.embed.astype(jnp.bfloat16), np.float32))
+
+
 def _one_line_bad_input(fn, match):
     with pytest.raises(BadInput, match=match) as e:
         fn()
