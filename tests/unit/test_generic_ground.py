@@ -211,6 +211,7 @@ def test_row_gradient_is_the_full_table_gradient_at_the_new_ids(kind):
     assert float(jnp.abs(grads.embed).max()) > 0  # the new ids are in the batch
 
 
+@pytest.mark.slow  # two more compilations; tests/sharding/test_generic_sharding.py also runs it
 def test_grad_accum_equals_one_shot_with_summed_losses():
     params, spec, loss_fn = _nnx(True)
     batch = {"ids": _tokens()}
