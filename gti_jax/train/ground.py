@@ -12,6 +12,10 @@ id is looked up (input embedding) and wherever a new token is scored (the new lo
 from the tied table or the untied head), which is exactly the model with the rows joined into
 its table (:func:`join_new_rows`), without materializing a ``[V, D]`` gradient.
 
+This fast path needs gti_jax's own model (it reads ``model.embed`` and
+``model.hidden_states``); any other model's parameter tree and loss (Linen, NNX, MaxText,
+bonsai, tunix) is grounded by :mod:`gti_jax.train.generic` with the same trainable rows.
+
 Typical use:
 
     >>> graphdef, state = nnx.split(model)  # doctest: +SKIP

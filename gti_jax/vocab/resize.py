@@ -28,7 +28,16 @@ from jax.sharding import NamedSharding
 from gti_jax.errors import BadInput
 from gti_jax.vocab.initializers import InitContext, Initializer, get_initializer
 
-__all__ = ["EmbeddingSpec", "VocabPlan", "plan_resize", "resize_vocab", "get_path", "ResizeError"]
+__all__ = [
+    "EmbeddingSpec",
+    "VocabPlan",
+    "plan_resize",
+    "resize_vocab",
+    "get_path",
+    "set_paths",
+    "spec_arrays",
+    "ResizeError",
+]
 
 Path = tuple[Hashable, ...]
 
@@ -88,10 +97,60 @@ class EmbeddingSpec:
     @classmethod
     def maxtext(cls, *, tied: bool) -> EmbeddingSpec:
         """A Linen / MaxText parameter dict: ``params/token_embedder/embedding`` [V, D] and
-        ``params/decoder/logits_dense/kernel`` [D, V]."""
+        ``params/decoder/logits_dense/kernel`` [D, V].
+
+        Pass MaxText's ``state.params`` (``{"params": {...}}``). Sources (AI-Hypercomputer/
+        maxtext): ``src/maxtext/models/models.py`` (``embed_as_linen(..., name=
+        "token_embedder")``, a ``[vocab, emb_dim]`` table in ``layers/embeddings.py``),
+        ``src/maxtext/layers/decoders.py`` (``dense_general(..., kernel_axes=("embed_vocab",
+        "vocab"), name="logits_dense")`` unless ``logits_via_embedding``: ``tied=True``),
+        ``checkpoint_conversion/utils/utils.py`` (``params={"params": jax_weights}``).
+        """
         return cls(
             embed=("params", "token_embedder", "embedding"),
             head=None if tied else ("params", "decoder", "logits_dense", "kernel"),
+            head_layout="dv",
+        )
+
+    @classmethod
+    def bonsai_qwen3(cls) -> EmbeddingSpec:
+        """bonsai's NNX Qwen3 (``nnx.state(model)``): ``embedder/embedding`` [V, D] and
+        ``lm_head/kernel`` [D, V].
+
+        The head always exists: for a tied checkpoint bonsai's loader copies the transposed
+        table into it, so the two are separate parameters that each get their new rows.
+        Sources (jax-ml/bonsai): ``bonsai/models/qwen3/modeling.py`` (``self.embedder =
+        nnx.Embed(...)``, ``self.lm_head = nnx.Einsum("BTD,DV->BTV", (emb_dim, vocab_size))``),
+        ``bonsai/models/qwen3/params.py`` (``lm_head.kernel = embedder.embedding.T`` if tied).
+        """
+        return cls(embed=("embedder", "embedding"), head=("lm_head", "kernel"), head_layout="dv")
+
+    @classmethod
+    def bonsai_gemma3(cls) -> EmbeddingSpec:
+        """bonsai's NNX Gemma 3 (``nnx.state(model)``): ``embed_tokens/weight/embedding``
+        [V, D], tied (logits by ``embed_tokens.weight.attend``).
+
+        Source (jax-ml/bonsai): ``bonsai/models/gemma3/modeling.py``
+        (``Gemma3TextScaledWordEmbedding.weight = nnx.Embed(vocab_size, hidden_size)``) and
+        ``bonsai/models/gemma3/params.py`` (``embed_tokens.weight.embedding``).
+        """
+        return cls(embed=("embed_tokens", "weight", "embedding"))
+
+    @classmethod
+    def tunix(cls, *, tied: bool) -> EmbeddingSpec:
+        """tunix's NNX Llama 3, Qwen 2/3 and Gemma (``nnx.state(model)``):
+        ``embedder/input_embedding`` [V, D] and, untied, ``lm_head/w`` [D, V].
+
+        Gemma is always tied. Sources (google/tunix): ``tunix/models/llama3/model.py``
+        (``Embedder.input_embedding`` ``(vocab_size, embed_dim)``; ``if not
+        config.weight_tying: self.lm_head = Einsum("BTD,DV->BTV", (embed_dim, vocab_size))``
+        whose parameter is ``w``), ``tunix/models/qwen3/model.py`` (the same, under
+        ``use_tied_embedding``), ``tunix/models/llama3/params.py`` (``lm_head.weight`` ->
+        ``lm_head.w`` transposed), ``tunix/models/gemma3/params_safetensors.py``.
+        """
+        return cls(
+            embed=("embedder", "input_embedding"),
+            head=None if tied else ("lm_head", "w"),
             head_layout="dv",
         )
 
@@ -199,6 +258,35 @@ def get_path(tree: Any, path: Path) -> Any:
     if hasattr(node, "get_value"):
         node = node.get_value()
     return node
+
+
+def set_paths(tree: Any, by_path: Mapping[Path, Any]) -> Any:
+    """A copy of ``tree`` with the arrays at ``by_path``'s paths replaced (pure; jit-safe).
+
+    Every other leaf is returned as it is (the same array); an ``nnx.Variable`` keeps its
+    type and metadata around the new value.
+
+    >>> set_paths({"a": {"b": 1, "c": 2}}, {("a", "b"): 5})
+    {'a': {'b': 5, 'c': 2}}
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: by_path.get(_leaf_path(path), leaf), tree
+    )
+
+
+def spec_arrays(params: Any, spec: EmbeddingSpec) -> tuple[dict[str, Any], int]:
+    """The arrays ``spec`` names in ``params`` (``embed``, and ``head``/``bias`` when the spec
+    has them) and the table's row count, after checking that their shapes agree.
+
+    Raises:
+      ResizeError: a path is missing, or the shapes disagree (one line naming the fix).
+
+    >>> arrays, rows = spec_arrays({"e": jnp.zeros((5, 2))}, EmbeddingSpec(("e",)))
+    >>> sorted(arrays), rows
+    (['embed'], 5)
+    """
+    arrays = {name: get_path(params, p) for name, p in spec.paths().items()}
+    return arrays, _check_shapes(arrays, spec)
 
 
 def _vocab_shards(x: Any, axis: int) -> int:
@@ -400,8 +488,7 @@ def resize_vocab(
     ((8, 2), (2, 8))
     """
     paths = spec.paths()
-    arrays = {name: get_path(params, p) for name, p in paths.items()}
-    num_rows = _check_shapes(arrays, spec)
+    arrays, num_rows = spec_arrays(params, spec)
     num_tokens = num_rows if num_tokens is None else int(num_tokens)
     layouts = {"embed": "vd", "head": spec.head_layout, "bias": "bias"}
     plan = _sharded_plan(
@@ -433,10 +520,7 @@ def resize_vocab(
         donate,
     )
     results = dict(zip(names, fn(key, tuple(arrays[n] for n in names), ids), strict=True))
-    by_path = {paths[n]: results[n] for n in names}
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: by_path.get(_leaf_path(path), leaf), params
-    )
+    return set_paths(params, {paths[n]: results[n] for n in names})
 
 
 @functools.lru_cache(maxsize=64)
