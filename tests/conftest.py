@@ -1,12 +1,14 @@
 """Suite-wide set-up.
 
-The whole suite runs in one process with 8 fake CPU devices. XLA reads the flag once, when
-jax initializes its backend, so it is set here, before any test module imports jax. Unit
+Every test process (the one pytest process, or each pytest-xdist worker with ``-n``) has 8
+fake CPU devices. XLA reads the flag once, when jax initializes its backend, so it is set
+here, before any test module imports jax. Unit
 tests still place arrays on one device (jax's default); sharding tests build meshes over all
 eight and fail (not skip) if they are missing.
 
 Compiled programs are cached on disk for the session (a fresh directory unless
-JAX_COMPILATION_CACHE_DIR is set), so the trainer subprocesses of the end-to-end tests,
+JAX_COMPILATION_CACHE_DIR is set; xdist workers inherit the directory pytest's main process
+made, so they share it), so the trainer subprocesses of the end-to-end tests,
 which restart the same run many times, compile each step once instead of once per start.
 A cached program is the same executable: results are unchanged, bit for bit.
 """
