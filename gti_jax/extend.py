@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help="HF checkpoint directory, .gguf file, or alias (smollm2-135m)",
+        help="HF checkpoint directory, .gguf file, alias (smollm2-135m) or Hub id Org/Name[@rev]",
     )
     p.add_argument(
         "--tokens",

