@@ -9,9 +9,15 @@ A config is built in three layers, each overriding the one before:
 
 1. the dataclass defaults;
 2. a YAML file (``--config FILE``) holding a nested mapping of the same keys;
-3. dotted ``key=value`` overrides; the value is read with YAML rules, so
-   ``sft.steps=100``, ``eval.k=[5,10]``, ``mesh.shape={data: 2}`` and ``data.pairs=null``
-   all work.
+3. dotted ``key=value`` overrides (or ``--key value``, ``--key=value``); the value is read
+   with YAML rules, so ``sft.steps=100``, ``eval.k=[5,10]``, ``mesh.shape={data: 2}`` and
+   ``data.pairs=null`` all work; a key that takes text but no number keeps the text as
+   written (``run_dir=2024``).
+
+:func:`parse_cli` is the command line of every gti_jax CLI (``gti-train``, ``gti-extend``,
+``gti-prepare``, ``gti-diagnose``): ``--config`` takes a file or a shipped config's name
+(``--config quickstart``), ``--print-config`` prints the resolved config as YAML and exits,
+``--help`` lists the keys.
 
 Each field carries its documentation as a string literal right under it (levanter style);
 :func:`help_text` reads those strings back from the source. Mapping-valued keys merge key by
@@ -38,6 +44,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -49,11 +56,15 @@ __all__ = [
     "ConfigError",
     "at_least",
     "check",
+    "config_dirs",
+    "find_config",
     "help_text",
+    "key_type",
     "load",
     "parse_cli",
     "positive",
     "save",
+    "split_argv",
     "to_dict",
     "walk_keys",
 ]
@@ -388,7 +399,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def _parse_override(item: str) -> tuple[str, Any, str]:
+    """``key=value`` -> ``(key, value read as YAML, the value's text)``."""
     if "=" not in item:
         raise ConfigError(
             f"malformed override '{item}': no '='; write key=value, e.g. sft.steps=100"
@@ -404,7 +416,46 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError as e:
         reason = " ".join(str(getattr(e, "problem", "") or e).split())
         raise ConfigError(f"cannot parse the value of override '{item}': {reason}") from None
-    return key, value
+    return key, value, text
+
+
+def key_type(root: type, key: str) -> Any | None:
+    """The annotation of the dotted `key` of schema `root`, or None if it names no key.
+
+    An entry of a mapping-valued key (``mesh.shape.data``) has the mapping's value type.
+
+    Example:
+      >>> from gti_jax.rec.config import PrepareConfig
+      >>> key_type(PrepareConfig, "data.max_len"), key_type(PrepareConfig, "data.nope")
+      (<class 'int'>, None)
+    """
+    cls: type = root
+    parts = key.split(".")
+    for i, name in enumerate(parts):
+        tp = _hints(cls).get(name)
+        rest = parts[i + 1 :]
+        if tp is None or not rest:
+            return tp
+        if _is_section(tp):
+            cls = tp
+        elif _is_mapping_type(tp) and len(rest) == 1:
+            return typing.get_args(tp)[1]
+        else:
+            return None
+    return None
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _wants_text(tp: Any) -> bool:
+    """A key that takes a string but no number: ``run_dir=2024`` and ``new_ids=10:20`` (which
+    YAML 1.1 reads as the sexagesimal 620) mean the text as written."""
+    members = _members(tp)
+    return str in members and int not in members and float not in members
 
 
 def _read_yaml(path: str) -> Mapping[str, Any]:
@@ -455,8 +506,11 @@ def load(
     parsed = [_parse_override(item) for item in overrides]  # syntax first, before any I/O
     raw = to_dict(schema())
     if path is not None:
-        _merge(schema, schema, raw, _read_yaml(path), "", file_may_hold_more)
-    for key, value in parsed:
+        _merge(schema, schema, raw, _read_yaml(find_config(path)), "", file_may_hold_more)
+    for key, value, text in parsed:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if _wants_text(key_type(schema, key)):
+                value = text.strip()
         _set_dotted(schema, raw, key, value)
     cfg = _build(schema, raw)
     if validate is not None:
@@ -491,50 +545,190 @@ def help_text(schema: type, header: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def split_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``[--config FILE] [key=value ...]`` -> ``(FILE or None, overrides)``."""
+# --------------------------------------------------------------------------------------------
+# Config files by name and the command line (every CLI of gti_jax parses here).
+# --------------------------------------------------------------------------------------------
+
+
+def config_dirs() -> list[Path]:
+    """Where ``--config NAME`` looks: the configs shipped in the package (an installed wheel
+    holds ``gti_jax/configs/``), then the ``configs/`` directory of a source checkout."""
+    package = Path(__file__).resolve().parent
+    return [package / "configs", package.parent / "configs"]
+
+
+def find_config(name: str) -> str:
+    """The file `name` means: an existing path as it is, else a shipped config by name
+    (``quickstart`` or ``quickstart.yaml`` -> ``configs/quickstart.yaml``).
+
+    Raises:
+      ConfigError: neither exists (the message lists the shipped names).
+
+    Example:
+      >>> Path(find_config("quickstart")).name
+      'quickstart.yaml'
+    """
+    if os.path.isfile(name):
+        return name
+    if os.sep not in name and "/" not in name:
+        file = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+        for d in config_dirs():
+            if (d / file).is_file():
+                return str(d / file)
+    shipped = sorted({p.stem for d in config_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    raise ConfigError(
+        f"config file not found: {name}; give a YAML file or a shipped config's name "
+        f"({', '.join(shipped) or 'none installed'})"
+    )
+
+
+def _is_flag(tp: Any) -> bool:
+    return tp is not None and bool in _members(tp)
+
+
+def _reads_as_bool(text: str) -> bool:
+    try:
+        return isinstance(yaml.safe_load(text), bool)
+    except yaml.YAMLError:
+        return False
+
+
+def _option_key(schema: type, name: str, aliases: Mapping[str, str]) -> str:
+    """The dotted key an option ``--name`` sets: an alias, the name, or its dashes read as
+    underscores (``--pad-to-multiple-of`` -> ``pad_to_multiple_of``)."""
+    if name in aliases:
+        return aliases[name]
+    if key_type(schema, name) is None and key_type(schema, name.replace("-", "_")) is not None:
+        return name.replace("-", "_")
+    return name
+
+
+def _option(schema: type, args: list[str], i: int, aliases: Mapping[str, str]) -> tuple[str, int]:
+    """``--key value``, ``--key=value`` or a bare ``--flag`` at ``args[i]`` -> ``key=value``
+    and the index after it."""
+    name, has_value, text = args[i][2:].partition("=")
+    key = _option_key(schema, name, aliases)
+    tp = key_type(schema, key)
+    if tp is None:
+        raise ConfigError(
+            f"unknown option '--{name}' (no config key '{key}'{_closest(schema, key)})"
+        )
+    nxt = args[i + 1] if i + 1 < len(args) else None
+    step = 1
+    if not has_value:
+        value_next = nxt is not None and not nxt.startswith("--")
+        if _is_flag(tp) and not (value_next and _reads_as_bool(nxt)):
+            return f"{key}=true", i + 1  # --skip-existing
+        if not value_next:
+            raise ConfigError(f"option '--{name}' needs a value: --{name} VALUE or {key}=VALUE")
+        text, step = nxt, 2
+    if _is_mapping_type(tp) and not text.lstrip().startswith("{"):
+        entry, sep, value = text.partition("=")
+        if not sep or not entry:
+            raise ConfigError(
+                f"--{name} {text!r}: expected NAME=VALUE (one entry, repeatable) or a "
+                f"mapping {{NAME: VALUE}}"
+            )
+        return f"{key}.{entry}={value}", i + step
+    return f"{key}={text}", i + step
+
+
+def split_argv(
+    argv: Sequence[str],
+    schema: type,
+    *,
+    positional: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
+) -> tuple[str | None, list[str]]:
+    """``[--config FILE] [ARG ...] [key=value | --key value | --key=value | --flag ...]`` ->
+    ``(FILE or None, key=value overrides)``.
+
+    Args:
+      argv: the arguments after the program's name.
+      schema: the root dataclass (option names are checked against its keys).
+      positional: keys that bare arguments (no ``=``, no leading ``-``) set, in order.
+      aliases: option names (without ``--``) -> the keys they set, for spellings a CLI keeps.
+
+    Raises:
+      ConfigError: a malformed option, an unknown key, a missing value (one line).
+
+    Example:
+      >>> from gti_jax.rec.config import PrepareConfig
+      >>> split_argv(["--rec.levels", "2", "--data.max_len=64", "seed=3"], PrepareConfig)
+      (None, ['rec.levels=2', 'data.max_len=64', 'seed=3'])
+    """
     args = list(argv)
+    aliases = dict(aliases or {})
+    bare = list(positional)
     path = None
     overrides: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "--config":
-            if i + 1 >= len(args):
+        if arg == "--config" or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else None
+            if value is None and i + 1 < len(args):
+                value = args[i + 1]
+            i += 1 if "=" in arg else 2
+            if not value:
                 raise ConfigError("--config needs a file: --config configs/quickstart.yaml")
-            value = args[i + 1]
-            i += 2
-        elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-            i += 1
+            if path is not None:
+                raise ConfigError("--config given twice; pass one file and key=value overrides")
+            path = value
+        elif arg.startswith("--") and len(arg) > 2:
+            item, i = _option(schema, args, i, aliases)
+            overrides.append(item)
+        elif arg.startswith("-") and "=" not in arg:
+            raise ConfigError(
+                f"unknown option '{arg}'; use --config FILE, --help, --print-config, "
+                "--key value or key=value"
+            )
         else:
-            if arg.startswith("-") and "=" not in arg:
-                raise ConfigError(
-                    f"unknown option '{arg}'; use --config FILE, --help, or key=value overrides"
-                )
+            if "=" not in arg and bare and not arg.startswith("-"):
+                arg = f"{bare.pop(0)}={arg}"
             overrides.append(arg)
             i += 1
-            continue
-        if path is not None:
-            raise ConfigError("--config given twice; pass one file and use key=value overrides")
-        if not value:
-            raise ConfigError("--config needs a file: --config configs/quickstart.yaml")
-        path = value
     return path, overrides
 
 
 def parse_cli(
-    schema: type, argv: Sequence[str], *, help: Callable[[], str], validate: Check | None = None
+    schema: type,
+    argv: Sequence[str],
+    *,
+    help: Callable[[], str],
+    validate: Check | None = None,
+    positional: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
+    file_may_hold_more: bool = False,
 ) -> Any:
-    """Parses ``[--config FILE] [--help] [key=value ...]`` into a config of `schema`.
+    """Parses a command line into a config of `schema`: the one argument style of every
+    gti_jax CLI.
+
+    ``[--config FILE|NAME] [--help] [--print-config] [key=value | --key value | --key=value
+    ...]``: ``--config`` takes a YAML file or the name of a shipped config (``quickstart``);
+    a bool key given as a bare ``--flag`` is true; a mapping key takes ``--key NAME=VALUE``
+    entries; `positional`, `aliases` and `file_may_hold_more` as in :func:`split_argv` and
+    :func:`load`.
 
     Raises:
-      SystemExit: with code 0 after printing ``help()`` for ``-h``/``--help``.
+      SystemExit: with code 0 after printing ``help()`` for ``-h``/``--help``, or the
+        resolved and checked config as YAML for ``--print-config``.
       ConfigError: a bad option, key or value (one line).
+
+    Example:
+      >>> from gti_jax.rec.config import PrepareConfig
+      >>> parse_cli(PrepareConfig, ["--seed", "3"], help=str).seed
+      3
     """
     args = list(argv)
     if "-h" in args or "--help" in args:
         sys.stdout.write(help())
         raise SystemExit(0)
-    path, overrides = split_argv(args)
-    return load(schema, path, overrides, validate=validate)
+    show = "--print-config" in args
+    args = [a for a in args if a != "--print-config"]
+    path, overrides = split_argv(args, schema, positional=positional, aliases=aliases)
+    cfg = load(schema, path, overrides, validate=validate, file_may_hold_more=file_may_hold_more)
+    if show:
+        sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None))
+        raise SystemExit(0)
+    return cfg

@@ -33,24 +33,26 @@ beside the export directory).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gti_jax import config as engine
 from gti_jax import geometry, plots
 from gti_jax.errors import BadInput
 from gti_jax.io.atomic import atomic_write
 from gti_jax.rec.codes import LEVEL_LETTERS, parse_code_token
 
 __all__ = [
+    "DiagnoseConfig",
     "DiagnoseError",
     "compute_export",
     "format_summary",
@@ -769,29 +771,65 @@ def compute_export(
 # --------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"error: {message}; see python -m gti_jax.diagnose --help\n")
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """The settings of ``python -m gti_jax.diagnose`` (``gti-diagnose``)."""
+
+    run_dir: str | None = None
+    """Run directory with diagnostics.json (the bare argument RUN_DIR)."""
+
+    export: str | None = None
+    """Exported Hugging Face checkpoint directory to diagnose instead."""
+
+    new_ids: str | None = None
+    """New token ids START:STOP (with --export)."""
+
+    tokens: str | None = None
+    """Tokens .jsonl/.txt that find the new ids (with --export)."""
+
+    codebook: str | None = None
+    """Semantic-IDs directory; adds RSA (with --export)."""
+
+    out: str | None = None
+    """Output directory (with --export; default: diagnose/ beside the export)."""
+
+    stage: str = "export"
+    """Stage name of the --export results."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m gti_jax.diagnose",
-        description="Summarize and redraw a run's new-token diagnostics, or diagnose an "
-        "exported Hugging Face checkpoint.",
+_HELP_HEADER = (
+    "usage: python -m gti_jax.diagnose RUN_DIR",
+    "       python -m gti_jax.diagnose --export DIR (--new-ids START:STOP | --tokens FILE)",
+    "           [--codebook DIR] [--out DIR] [--stage NAME]",
+    "",
+    "Summarizes and redraws a run's new-token diagnostics, or diagnoses an exported Hugging",
+    "Face checkpoint. Every key is also accepted as key=value or --key=value.",
+)
+
+
+def parse_cli(argv: Sequence[str]) -> DiagnoseConfig:
+    """The command line (:func:`gti_jax.config.parse_cli`'s style) -> :class:`DiagnoseConfig`.
+
+    Example:
+      >>> parse_cli(["--export", "x", "--new-ids", "10:20"]).new_ids
+      '10:20'
+    """
+    return engine.parse_cli(
+        DiagnoseConfig,
+        argv,
+        help=lambda: engine.help_text(DiagnoseConfig, _HELP_HEADER),
+        positional=("run_dir",),
     )
-    p.add_argument("run_dir", nargs="?", help="run directory with diagnostics.json")
-    p.add_argument("--export", help="exported Hugging Face checkpoint directory")
-    p.add_argument("--new-ids", help="new token ids START:STOP (with --export)")
-    p.add_argument("--tokens", help="tokens .jsonl/.txt to find the new ids (with --export)")
-    p.add_argument("--codebook", help="semantic-IDs directory, adds RSA (with --export)")
-    p.add_argument("--out", help="output directory (with --export; default: ../diagnose)")
-    p.add_argument("--stage", default="export", help="stage name for --export results")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_cli(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help, --print-config
+        return int(e.code or 0)
+    except BadInput as e:  # ConfigError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.export is None:
             if args.run_dir is None:
@@ -826,6 +864,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_summary(data))
     print(f"wrote {run / DIAGNOSTICS_FILE} and {len(written)} figures in {run}")
     return 0
+
+
+def cli() -> None:
+    """The ``gti-diagnose`` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -17,19 +17,19 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gti_jax import config as engine
 from gti_jax.errors import BadInput
 from gti_jax.io import safetensors as st
 from gti_jax.io.atomic import atomic_dir
@@ -124,19 +124,6 @@ def _spec_for(ckpt: Checkpoint) -> EmbeddingSpec:
             f"lm_head.weight is {tuple(np.shape(tensors['lm_head.weight']))} but the embedding is {rows} x {dim}; the checkpoint is inconsistent"
         )
     return EmbeddingSpec.hf(tied=tied, bias="lm_head.bias" in tensors)
-
-
-def _parse_init_args(items: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise ExtendError(f"--init-arg {item!r}: expected NAME=VALUE, e.g. --init-arg std=0.01")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def _check_out(out: Path) -> None:
@@ -321,59 +308,82 @@ def extend_checkpoint(
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m gti_jax.extend",
-        description="Add new tokens to a Hugging Face checkpoint (or GGUF) and initialize their rows.",
+@dataclass(frozen=True)
+class ExtendConfig:
+    """The settings of ``python -m gti_jax.extend`` (``gti-extend``)."""
+
+    model: str | None = None
+    """HF checkpoint directory, .gguf file, alias (smollm2-135m) or Hub id Org/Name[@rev]."""
+
+    tokens: str | None = None
+    """New tokens: JSONL {"token", "description"} a line, or .txt one token a line."""
+
+    out: str | None = None
+    """Output directory (must not exist)."""
+
+    init: str = "mean"
+    """Initializer of the new rows: mean, mean_noise, mean_cov, normal or description."""
+
+    init_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)
+    """Initializer arguments, e.g. --init-arg std=0.01 (repeatable) or init_kwargs={std: 0.01}."""
+
+    pad_to_multiple_of: int = 1
+    """Round the table's rows up to a multiple of N when it grows."""
+
+    seed: int = 0
+    """PRNG seed of random initializers."""
+
+    skip_existing: bool = False
+    """Skip requested tokens the tokenizer already has (instead of failing)."""
+
+
+_HELP_HEADER = (
+    "usage: python -m gti_jax.extend --model DIR|FILE.gguf|ALIAS|Org/Name[@rev] --tokens FILE",
+    "           --out DIR [--init NAME] [--init-arg NAME=VALUE ...] [--pad-to-multiple-of N]",
+    "           [--seed S] [--skip-existing] [--config FILE] [--print-config]",
+    "",
+    "Adds new tokens to a Hugging Face checkpoint (or GGUF) and initializes their rows.",
+    "Every key is also accepted as key=value or --key=value (dashes or underscores).",
+)
+
+
+def _check_cli(cfg: ExtendConfig) -> None:
+    for name in ("model", "tokens", "out"):
+        if not getattr(cfg, name):
+            raise ExtendError(f"--{name} is required; see python -m gti_jax.extend --help")
+
+
+def parse_cli(argv: Sequence[str]) -> ExtendConfig:
+    """The command line (:func:`gti_jax.config.parse_cli`'s style) -> :class:`ExtendConfig`.
+
+    Example:
+      >>> parse_cli(["--model", "m", "--tokens", "t", "--out=o", "--skip-existing"]).skip_existing
+      True
+    """
+    return engine.parse_cli(
+        ExtendConfig,
+        argv,
+        help=lambda: engine.help_text(ExtendConfig, _HELP_HEADER),
+        validate=_check_cli,
+        aliases={"init-arg": "init_kwargs"},
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="HF checkpoint directory, .gguf file, alias (smollm2-135m) or Hub id Org/Name[@rev]",
-    )
-    p.add_argument(
-        "--tokens",
-        required=True,
-        help='JSONL {"token", "description"} a line, or .txt one token a line',
-    )
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument(
-        "--init",
-        default="mean",
-        help=f"initializer: {', '.join(inits.INITIALIZERS)} (default mean)",
-    )
-    p.add_argument(
-        "--init-arg",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="initializer argument, e.g. std=0.01 (repeatable)",
-    )
-    p.add_argument(
-        "--pad-to-multiple-of",
-        type=int,
-        default=1,
-        metavar="N",
-        help="round the table's rows up to a multiple of N when it grows",
-    )
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for random initializers")
-    p.add_argument(
-        "--skip-existing",
-        action="store_true",
-        help="skip requested tokens the tokenizer already has",
-    )
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_cli(sys.argv[1:] if argv is None else argv)
+    except BadInput as e:  # ConfigError, ExtendError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help, --print-config
+        return int(e.code or 0)
     try:
         extend_checkpoint(
             args.model,
             args.tokens,
             args.out,
             init=args.init,
-            init_kwargs=_parse_init_args(args.init_arg),
+            init_kwargs=args.init_kwargs,
             pad_to_multiple_of=args.pad_to_multiple_of,
             seed=args.seed,
             skip_existing=args.skip_existing,
@@ -385,6 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def cli() -> None:
+    """The ``gti-extend`` console script."""
+    from gti_jax._env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -101,10 +101,12 @@ def config_help() -> str:
 
 
 def parse_cli(argv: Sequence[str]) -> RunConfig:
-    """Parses ``[--config FILE] [--help] [key=value ...]`` into a :class:`RunConfig`.
+    """Parses ``[--config FILE|NAME] [--help] [--print-config] [key=value | --key value
+    ...]`` into a :class:`RunConfig` (:func:`gti_jax.config.parse_cli`).
 
     Raises:
-      SystemExit: with code 0 after printing :func:`config_help` for ``-h``/``--help``.
+      SystemExit: with code 0 after printing :func:`config_help` for ``-h``/``--help``, or
+        the resolved config as YAML for ``--print-config``.
       ConfigError: a bad option, key or value (one line).
     """
     return engine.parse_cli(RunConfig, argv, help=config_help, validate=check_run)

@@ -553,15 +553,36 @@ def format_summary(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_USAGE = "usage: python -m gti_jax.rec.prepare [--config FILE] [key=value ...] --out DIR"
+@dataclasses.dataclass(frozen=True)
+class PrepareCommand(PrepareConfig):
+    """The command line's settings: :class:`~gti_jax.rec.config.PrepareConfig` and ``out``."""
+
+    out: str | None = None
+    """Directory the trainer's files are written to (required)."""
+
+
+_HELP_HEADER = (
+    "usage: python -m gti_jax.rec.prepare --out DIR [--config FILE|NAME] [key=value ...]",
+    "",
+    "Writes the trainer's files for a recommendation dataset into DIR. Keys are also",
+    "accepted as --key value or --key=value. The keys below apply (a --config file of a",
+    "whole run may hold others, which are ignored).",
+)
+
+
+def _check_command(cfg: PrepareCommand) -> None:
+    check_prepare(cfg)
+    if not cfg.out:
+        raise PrepareError("--out DIR is required; see python -m gti_jax.rec.prepare --help")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI: ``python -m gti_jax.rec.prepare [--config FILE] [key=value ...] --out DIR``.
+    """The CLI: ``python -m gti_jax.rec.prepare --out DIR [--config FILE] [key=value ...]``.
 
     Settings are :class:`~gti_jax.rec.config.PrepareConfig`'s (``rec.*``, ``model``,
-    ``seed``, ``data.max_len``; a whole run's ``--config`` file works too); the
-    summary goes to stdout, progress to stderr, a bad input to stderr as one line (exit 2).
+    ``seed``, ``data.max_len``; a whole run's ``--config`` file works too) and ``out``,
+    parsed by :func:`gti_jax.config.parse_cli` like every gti_jax CLI; the summary goes to
+    stdout, progress to stderr, a bad input to stderr as one line (exit 2).
 
     Args:
         argv: arguments after the program name; default ``sys.argv[1:]``.
@@ -569,46 +590,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
-        sys.stdout.write(
-            f"{_USAGE}\n\nWrites the trainer's files for a recommendation dataset into DIR.\n"
-            "The keys below apply (a --config file of a whole run may hold others, which are\n"
-            "ignored).\n" + engine.help_text(PrepareConfig, ())
-        )
-        return 0
-    out = None
-    rest = []
-    i = 0
-    while i < len(args):
-        if args[i] == "--out":
-            if i + 1 >= len(args):
-                print(f"error: --out needs a directory; {_USAGE}", file=sys.stderr)
-                return 2
-            out = args[i + 1]
-            i += 2
-            continue
-        if args[i].startswith("--out="):
-            out = args[i].split("=", 1)[1]
-        else:
-            rest.append(args[i])
-        i += 1
-    if not out:
-        print(f"error: --out DIR is required; {_USAGE}", file=sys.stderr)
-        return 2
     try:
-        path, overrides = engine.split_argv(rest)
-        cfg = engine.load(
-            PrepareConfig, path, overrides, validate=check_prepare, file_may_hold_more=True
+        cfg = engine.parse_cli(
+            PrepareCommand,
+            sys.argv[1:] if argv is None else argv,
+            help=lambda: engine.help_text(PrepareCommand, _HELP_HEADER),
+            validate=_check_command,
+            file_may_hold_more=True,
         )
-        paths = prepare(cfg, out)
+        paths = prepare(cfg, cfg.out)
         stats = json.loads(paths["stats"].read_text(encoding="utf-8"))
+    except SystemExit as e:  # --help, --print-config
+        return int(e.code or 0)
     except (ValueError, OSError) as e:  # PrepareError, RecDataError, ConfigError, missing files
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(stats))
-    print(f"wrote {Path(out)}")
+    print(f"wrote {Path(cfg.out)}")
     return 0
+
+
+def cli() -> None:
+    """The ``gti-prepare`` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m gti_jax.train [--config FILE] [key=value ...]``: the GTI training run.
+"""``python -m gti_jax.train [--config FILE] [key=value ...]`` (``gti-train``): the GTI run.
 
 The whole run (:mod:`gti_jax.pipeline`). With no arguments it runs the built-in quickstart
 (SmolLM2-135M on MovieLens-100k, with GTI). ``--help`` lists every config key with its
@@ -47,8 +47,13 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``gti-train`` console script: ``python -m gti_jax.train``'s start-up, then main."""
     from gti_jax._env import reexec_with_hugepage_malloc
 
     reexec_with_hugepage_malloc()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

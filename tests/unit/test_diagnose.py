@@ -277,9 +277,7 @@ def test_cli_corrupt_diagnostics(tmp_path, capsys):
 def test_cli_no_arguments_and_unknown_flag(capsys):
     assert dx.main([]) == 2
     assert "RUN_DIR" in _one_error_line(capsys)
-    with pytest.raises(SystemExit) as e:
-        dx.main(["--bogus"])
-    assert e.value.code == 2
+    assert dx.main(["--bogus"]) == 2  # the config engine's one line, as in every CLI
     assert "--bogus" in _one_error_line(capsys)
 
 
