@@ -47,9 +47,11 @@ __all__ = [
     "EvalConfig",
     "ExportConfig",
     "GroundConfig",
+    "LogConfig",
     "MeshConfig",
     "SFTConfig",
     "TrainConfig",
+    "WandbConfig",
     "check_train",
     "config_help",
     "config_to_dict",
@@ -67,11 +69,13 @@ Remat = Literal["none", "full", "dots"]
 Attention = Literal["einsum", "dot_product"]
 
 HELP_HEADER = (
-    "usage: python -m gti_jax.train [--config FILE] [key=value ...]",
+    "usage: python -m gti_jax.train (or gti-train) [--config FILE|NAME] [--print-config]",
+    "           [key=value | --key value | --key=value ...]",
     "",
-    "Settings come from the defaults below, then the YAML file given by --config, then",
-    "key=value overrides (values read as YAML: sft.steps=100, eval.k=[5,10],",
-    "mesh.shape={data: 2}, data.pairs=null). Mapping-valued keys merge over their defaults.",
+    "Settings come from the defaults below, then the YAML file given by --config (a path, or",
+    "a shipped config's name: --config quickstart), then overrides (values read as YAML:",
+    "sft.steps=100, --eval.k [5,10], mesh.shape={data: 2}, data.pairs=null). Mapping-valued",
+    "keys merge over their defaults. --print-config prints the resolved config and exits.",
 )
 
 
@@ -301,6 +305,37 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging (the wandb package: pip install 'gti_jax[tracking]')."""
+
+    project: str | None = None
+    """W&B project to log to; null: no W&B. WANDB_MODE=offline keeps the run under
+    <run_dir>/wandb (upload later with wandb sync)."""
+
+    entity: str | None = None
+    """W&B entity (user or team); null: wandb's default."""
+
+    name: str | None = None
+    """Run name; null: the run directory's name."""
+
+    tags: tuple[str, ...] = ()
+    """Tags of the W&B run."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Experiment tracking beside metrics.jsonl: the same training scalars, the evaluation
+    results and the diagnostics' effective rank per stage (how often: log_every)."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files to <run_dir>/tensorboard (the tensorboardX package:
+    pip install 'gti_jax[tracking]')."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The trainer: extend -> initialize -> ground -> fine-tune -> evaluate -> export."""
 
@@ -364,6 +399,9 @@ class TrainConfig:
 
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     """Memory and speed options of the compiled steps."""
+
+    log: LogConfig = field(default_factory=LogConfig)
+    """Experiment tracking (TensorBoard, W&B)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,10 +602,12 @@ def config_help() -> str:
 
 
 def parse_cli(argv: Sequence[str]) -> TrainConfig:
-    """Parses a command line: ``[--config FILE] [--help] [key=value ...]``.
+    """Parses a command line: ``[--config FILE|NAME] [--help] [--print-config] [key=value |
+    --key value | --key=value ...]`` (:func:`gti_jax.config.parse_cli`).
 
     Raises:
-      SystemExit: with code 0 after printing :func:`config_help` for ``-h``/``--help``.
+      SystemExit: with code 0 after printing :func:`config_help` for ``-h``/``--help``, or
+        the resolved config as YAML for ``--print-config``.
       ConfigError: for a bad option, key or value (one line; the CLI prints it and exits 2).
 
     Example:

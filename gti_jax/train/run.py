@@ -87,6 +87,7 @@ from gti_jax.train.loop import (
 )
 from gti_jax.train.runlog import RunLog, atomic_write_json
 from gti_jax.train.sft import sft_stage
+from gti_jax.train.tracking import Tracker, check_tracking
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
 
 __all__ = [
@@ -227,6 +228,12 @@ _RESUME_FREE = (
     "distributed.coordinator",
     "distributed.num_processes",
     "distributed.process_id",
+    # tracking only reports what the run computes
+    "log.tensorboard",
+    "log.wandb.project",
+    "log.wandb.entity",
+    "log.wandb.name",
+    "log.wandb.tags",
 )
 
 
@@ -328,6 +335,7 @@ def run(cfg: TrainConfig, *, make_data: MakeData | None = None) -> dict[str, Any
     # on leaves nothing behind.
     given = given_files(cfg, make_data)
     _check_model(cfg.model)
+    check_tracking(cfg.log)
     mesh = _mesh(cfg)
     rules = dict(cfg.mesh.rules)
     _check_batch_fits(cfg, mesh, rules)
@@ -426,7 +434,8 @@ def _run(
 ) -> dict[str, Any]:
     """The stages, in order, once the run directory exists (`where` names the current one)."""
     writer = jax.process_index() == 0
-    log = RunLog(run_dir, writer=writer)
+    tracker = Tracker(cfg.log, run_dir, config_to_dict(cfg)) if writer else None
+    log = RunLog(run_dir, writer=writer, tracker=tracker)
     stop = StopFlag().install()
 
     # load (done before the run directory was made) ---------------------------------------
@@ -482,6 +491,7 @@ def _run(
     where.stage = "finish"
     barrier("gti_jax.train: done")  # no process leaves while process 0 still writes
     log_line(f"done: {json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)})}")
+    log.close()
     return results
 
 
@@ -521,10 +531,13 @@ def _extend(cfg: TrainConfig, run_dir: Path, log: RunLog, model, tokenizer, inpu
     codebook = codebook_vectors(files, to_add)
     decode = lambda i: tokenizer.decode([int(i)])  # noqa: E731
 
+    # the trackers plot each stage's diagnostics at the run's global step
+    at_step = {"init": 0, "ground": cfg.ground.steps, "sft": cfg.ground.steps + cfg.sft.steps}
+
     def record(stage, m):
         table = host(m.embed.embedding[...]).astype(np.float32)  # every process (collective)
         if writer:
-            diagnose.record_stage(
+            summary = diagnose.record_stage(
                 run_dir,
                 stage,
                 table,
@@ -534,6 +547,8 @@ def _extend(cfg: TrainConfig, run_dir: Path, log: RunLog, model, tokenizer, inpu
                 old_ids=range(num_tokens),
                 tokens=to_add,
             )
+            top = {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
+            log.scalars("diagnostics", top, at_step[stage])
 
     if not log.done("extend"):
         record("init", model)
@@ -569,6 +584,7 @@ def _evaluate(cfg: TrainConfig, run_dir: Path, log: RunLog, hosted, evaluator, t
     results["wall_seconds"] = round(time.perf_counter() - t_run, 1)
     if writer:
         atomic_write_json(run_dir / "results.json", results)
+        log.scalars("eval", results, cfg.ground.steps + cfg.sft.steps)
         if _has_metrics(run_dir):  # no training stage ran: no loss curve to draw
             diagnose.plot_loss(run_dir)
     log.finish("evaluate", time.perf_counter() - t0)

@@ -2,7 +2,9 @@
 
 ``run_dir/stages.json`` says which stages finished and how long they took;
 ``run_dir/metrics.jsonl`` holds one line per logged step
-(``{"stage", "step", "loss", "lr", "grad_norm", "tokens_per_s"}``). Only process 0 writes.
+(``{"stage", "step", "loss", "lr", "grad_norm", "tokens_per_s"}``); the same numbers go to
+the trackers (:mod:`gti_jax.train.tracking`: TensorBoard, W&B) when the config asks for
+them. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class RunLog:
       writer: whether this process writes (process 0 on multi-host).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, writer: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, writer: bool = True, tracker: Any = None):
         self.dir = Path(run_dir)
         self.writer = writer
+        self.tracker = tracker  # a gti_jax.train.tracking.Tracker (process 0), or None
         self._stages_path = self.dir / "stages.json"
         self._metrics_path = self.dir / "metrics.jsonl"
         self.stages: dict[str, Any] = {}
@@ -79,10 +82,26 @@ class RunLog:
         atomic_write(self._metrics_path, lambda f: f.write(text))
 
     def metrics(self, row: dict[str, Any]) -> None:
+        """Appends a training line (``stage``, ``step``, numbers) to ``metrics.jsonl`` and
+        sends the same numbers to the trackers as ``<stage>/<name>`` at ``step``."""
         if not self.writer:
             return
+        clean = {k: _clean(v) for k, v in row.items()}
         with open(self._metrics_path, "a") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            f.write(json.dumps(clean) + "\n")
+        rest = {k: v for k, v in clean.items() if k not in ("stage", "step")}
+        self.scalars(str(row["stage"]), rest, int(row["step"]))
+
+    def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        """Sends the numbers of `values` (nested mappings flattened) to the trackers as
+        ``<prefix>/<name>`` at `step`: evaluation results, diagnostics, validation."""
+        if self.writer and self.tracker is not None:
+            self.tracker.scalars(prefix, values, step)
+
+    def close(self) -> None:
+        """Flushes and closes the trackers."""
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 class Progress:

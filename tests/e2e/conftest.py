@@ -26,17 +26,20 @@ def _tiny_run(task, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     with pytest.MonkeyPatch.context() as mp:
         exported = capture_export(mp)
-        # a loss line for every step: a resumed run's curve can be compared line by line
-        run(load_config(None, [*task.args, "log_every=1", f"run_dir={run_dir}"]))
+        # a loss line for every step: a resumed run's curve can be compared line by line;
+        # TensorBoard too (it changes nothing else; test_tracking_run.py reads it back)
+        args = [*task.args, "log_every=1", "log.tensorboard=true", f"run_dir={run_dir}"]
+        run(load_config(None, args))
     return run_dir, exported["model"]
 
 
 @pytest.fixture
 def tiny_run(_tiny_run):
-    """The run directory of one uninterrupted run of the whole tiny task (``task.args`` and
-    ``log_every=1``: grounding, LoRA fine-tuning, evaluation, export), made once per session
-    in this process: the reference the resume and damaged-checkpoint tests must reproduce bit
-    for bit, and the run whose artifacts test_train.py checks. Read-only, like `task`."""
+    """The run directory of one uninterrupted run of the whole tiny task (``task.args``,
+    ``log_every=1`` and ``log.tensorboard=true``: grounding, LoRA fine-tuning, evaluation,
+    export), made once per session in this process: the reference the resume and
+    damaged-checkpoint tests must reproduce bit for bit, and the run whose artifacts
+    test_train.py and test_tracking_run.py check. Read-only, like `task`."""
     return _tiny_run[0]
 
 
