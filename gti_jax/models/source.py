@@ -104,9 +104,9 @@ def _from_hub(repo: str, revision: str | None, label: str) -> Path:
         raise ModelSourceError(
             f"{label}: no such local directory, and the Hub model {spelled} is not in the "
             f"Hugging Face cache ({cache}) while HF_HUB_OFFLINE is set; download it on a "
-            f"connected machine (huggingface-cli download {repo}"
-            f"{f' --revision {revision}' if revision else ''}) into this cache (HF_HOME or "
-            "HF_HUB_CACHE), or give a local checkpoint directory"
+            f"connected machine (hf download {repo}{f' --revision {revision}' if revision else ''}"
+            ", or huggingface-cli download with huggingface_hub < 1.0) into this cache "
+            "(HF_HOME or HF_HUB_CACHE), or give a local checkpoint directory"
         )
     try:
         return Path(huggingface_hub.snapshot_download(repo, **kw))

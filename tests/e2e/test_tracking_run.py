@@ -25,7 +25,7 @@ def test_event_files_hold_the_runs_numbers(tiny_run):
     final = 6 + 6  # evaluation at the run's global step: ground.steps + sft.steps
     for k, v in flat_scalars(results).items():
         expected[(tensorboard_tag(f"eval/{k}"), final)] = v
-    assert ("eval/recall_3", final) in expected and ("eval/loss", final) in expected
+    assert ("eval/recall_3", final) in expected and ("eval/eval_loss", final) in expected
     diagnostics = json.loads((tiny_run / "diagnostics.json").read_text())
     assert set(diagnostics) == {"init", "ground", "sft"}
     for stage, step in (("init", 0), ("ground", 6), ("sft", 12)):

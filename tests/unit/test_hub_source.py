@@ -75,7 +75,7 @@ def test_offline_and_not_cached_is_one_line_with_the_fix(hub, name):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"model={name}: ")
     assert "not in the Hugging Face cache" in msg and "HF_HUB_OFFLINE" in msg
-    assert f"huggingface-cli download {name.split('@')[0]}" in msg
+    assert f"hf download {name.split('@')[0]}" in msg and "huggingface-cli download" in msg
 
 
 def test_a_local_directory_wins_over_a_hub_id(hub, tmp_path, monkeypatch, two_revisions):
@@ -105,3 +105,42 @@ def test_trainer_model_check_and_extend_take_hub_ids(hub, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --model Org/Gone: ") and "HF_HUB_OFFLINE" in err[-1]
     assert not (tmp_path / "extended2").exists()
+
+
+def test_online_and_not_cached_downloads_through_snapshot_download(
+    hub, tmp_path, monkeypatch, two_revisions
+):
+    """Not offline, a model missing from the cache goes to ``snapshot_download`` (which in
+    real use downloads; here a stand-in for the network fills the cache or fails), asking
+    only for the files a model needs, never pickles."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    real, calls = huggingface_hub.snapshot_download, []
+
+    def network(repo_id, **kw):
+        if kw.get("local_files_only"):
+            return real(repo_id, **kw)  # the cache, as it is
+        calls.append((repo_id, kw))
+        if repo_id == "Org/Unreachable":
+            raise OSError("Network is unreachable")
+        add_to_hub_cache(kw["cache_dir"], repo_id, two_revisions[1], branch="main")
+        return real(repo_id, **{**kw, "local_files_only": True})
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", network)
+    assert resolve_source("Org/Tiny").path.name == hub[0]  # cached: no download
+    assert calls == []
+    assert (resolve_source("Org/New").path / "config.json").is_file()
+    ((repo, kw),) = calls
+    assert repo == "Org/New" and kw["revision"] is None
+    assert "*.safetensors" in kw["allow_patterns"] and not any(
+        p.endswith((".bin", ".pt", ".pth")) for p in kw["allow_patterns"]
+    )
+    with pytest.raises(ModelSourceError) as e:
+        resolve_source("Org/Unreachable@v1", label="model=Org/Unreachable@v1")
+    assert str(e.value) == (
+        "model=Org/Unreachable@v1: no such local directory, and the Hub model "
+        "Org/Unreachable@v1 could not be downloaded (OSError: Network is unreachable); check "
+        "the id and the network, or give a local checkpoint directory"
+    )
