@@ -531,8 +531,9 @@ def _extend(cfg: TrainConfig, run_dir: Path, log: RunLog, model, tokenizer, inpu
     codebook = codebook_vectors(files, to_add)
     decode = lambda i: tokenizer.decode([int(i)])  # noqa: E731
 
-    # the trackers plot each stage's diagnostics at the run's global step
-    at_step = {"init": 0, "ground": cfg.ground.steps, "sft": cfg.ground.steps + cfg.sft.steps}
+    # the trackers plot each stage's diagnostics at the run's global step (others: the end)
+    last = cfg.ground.steps + cfg.sft.steps
+    at_step = {"init": 0, "ground": cfg.ground.steps, "sft": last}
 
     def record(stage, m):
         table = host(m.embed.embedding[...]).astype(np.float32)  # every process (collective)
@@ -548,7 +549,7 @@ def _extend(cfg: TrainConfig, run_dir: Path, log: RunLog, model, tokenizer, inpu
                 tokens=to_add,
             )
             top = {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
-            log.scalars("diagnostics", top, at_step[stage])
+            log.scalars("diagnostics", top, at_step.get(stage, last))
 
     if not log.done("extend"):
         record("init", model)
