@@ -6,7 +6,8 @@ see exactly the numbers of ``metrics.jsonl`` (each training line's ``loss``, ``l
 ``grad_norm``, ``tokens_per_s``, ... under ``<stage>/<name>`` at the stage's step), plus the
 final evaluation (``eval/<name>``, nested results joined with ``/``) and the diagnostics of
 each recorded stage (``diagnostics/effective_rank``, ...), both at the run's global step
-(grounding steps, then fine-tuning steps). TensorBoard's tags replace characters it does
+(grounding steps, then fine-tuning steps), and the learning curve's points
+(``curve/<name>``, ``eval.curve_every``) at their fine-tuning step. TensorBoard's tags replace characters it does
 not allow with ``_`` (``eval/recall_10``, :func:`tensorboard_tag`); W&B keeps the names
 (``eval/recall@10``) and gets one x-axis per prefix
 (``<prefix>/step``), since its own step may only grow and the stages restart theirs.

@@ -34,8 +34,10 @@ def test_the_three_spellings_mean_the_same(args):
 
 
 def test_flags_negative_numbers_and_text_keys():
-    assert parse_cli(["--resume", "--seed", "3"]).resume is True
-    assert parse_cli(["--resume"]).resume is True
+    # a bare bool option is true (the defaults of these two are false)
+    cfg = parse_cli(["--log.tensorboard", "--seed", "3", "--distributed.enabled"])
+    assert (cfg.log.tensorboard, cfg.seed, cfg.distributed.enabled) == (True, 3, True)
+    assert parse_cli(["--log.tensorboard", "false"]).log.tensorboard is False
     assert parse_cli(["--mesh.shape.data", "-1"]).mesh.shape["data"] == -1
     # a key that takes text keeps it as written (YAML would read 2024 as an int)
     assert parse_cli(["--run_dir", "2024"]).run_dir == "2024"
