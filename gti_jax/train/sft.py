@@ -77,6 +77,7 @@ def learning_curve(ctx: StageContext, step_fn, units: np.ndarray, start: int):
             row["popularity_baseline"] = ev.popularity_baseline()
         rows.append(row)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        ctx.log.scalars("curve", row, step)  # TensorBoard / W&B, when configured
         log_line(
             f"curve: step {step}, {row['targets_seen']} targets, {row['train_seconds']:.0f}s: "
             + ", ".join(

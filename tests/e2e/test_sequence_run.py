@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from gti_jax.train.config import load_config
 from gti_jax.train.run import run
+from gti_jax.train.tracking import TENSORBOARD_DIR, flat_scalars, tensorboard_tag
 from tests.helpers.tiny_task import TOKENS
+from tests.helpers.tracking_files import read_tensorboard_scalars
 
 pytestmark = pytest.mark.slow  # a trainer run
 
@@ -44,6 +47,7 @@ def seq_run(task, tmp_path_factory):
             "sft.steps=4",
             "sft.lr=0.01",
             "eval.curve_every=2",
+            "log.tensorboard=true",
             f"run_dir={run_dir}",
         ),
     )
@@ -78,3 +82,13 @@ def test_learning_curve_rows(seq_run):
     # the last point ranks the final model; the final evaluation reuses it and says so
     assert results["retrieval_from"].startswith("curve.jsonl step 4")
     assert rows[-1]["recall@3"] == pytest.approx(results["recall@3"], abs=1e-5)
+
+
+def test_learning_curve_goes_to_tensorboard(seq_run):
+    run_dir, _ = seq_run
+    rows = [json.loads(x) for x in (run_dir / "curve.jsonl").read_text().splitlines()]
+    tb = read_tensorboard_scalars(run_dir / TENSORBOARD_DIR)
+    for row in rows:  # every number of every curve.jsonl row, at its fine-tuning step
+        for k, v in flat_scalars({k: v for k, v in row.items() if k != "step"}).items():
+            assert (row["step"], np.float32(v)) in tb[tensorboard_tag(f"curve/{k}")], k
+    assert [s for s, _ in tb["curve/recall_3"]] == [2, 4]
