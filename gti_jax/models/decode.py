@@ -11,19 +11,19 @@ with the same model structure, batch size and prompt-length bucket reuses the co
 * `beam_search`: batched beam search. The prompts are prefilled once (not once per beam) and
   their keys/values are shared by the prompt's `num_beams` rows (`SharedPrefixKV`: stored
   once, broadcast inside attention); only the slots of generated tokens are per beam and
-  follow beam parents (`KVCache.take`). Each step keeps the best `num_beams` unfinished continuations and merges
-  finished ones (EOS, or a complete candidate under a constraint) into a pool of the best
-  `num_beams` hypotheses; a prompt stops early once no live beam can beat its worst pooled
-  hypothesis. The whole search is one `while_loop` in one jit.
+  follow beam parents (`KVCache.take`). Each step keeps the best `num_beams` unfinished
+  continuations and merges finished ones (EOS, or a complete candidate under a constraint)
+  into a pool of the best `num_beams` hypotheses; a prompt stops early once no live beam
+  can beat its worst pooled hypothesis. The whole search is one `while_loop` in one jit.
 * `TrieConstraint`: restricts beams to a fixed set of token sequences (e.g. the semantic IDs
   of all items). The trie is stored as padded arrays (`children_tokens [num_nodes, M]`), so a
   constrained step computes each beam's log-probs at its node's `M` allowed tokens only
   (normalized over the whole vocabulary, as transformers does: `_trie_logp`) and ranks
   `num_beams x M` candidates per prompt: no `[num_nodes, V]` mask or `[R, V]` log-softmax
-  is ever built. A Python
-  callable `fn(prefix) -> allowed ids` (Hugging Face `prefix_allowed_tokens_fn` style) is also
-  accepted; it runs on the host once per step (only the model step and the beam update are
-  jit-compiled), so it is slower and meant for constraints a trie cannot express.
+  is ever built. A Python callable `fn(prefix) -> allowed ids` (Hugging Face
+  `prefix_allowed_tokens_fn` style) is also accepted; it runs on the host once per step
+  (only the model step and the beam update are jit-compiled), so it is slower and meant for
+  constraints a trie cannot express.
 * `score_sequences`: teacher-forced log-probability sums of continuations, the exhaustive
   reference for beam search and a building block for evaluation.
 

@@ -267,7 +267,8 @@ def test_constrained_beam_search_matches_transformers(ckpt):
     """Constrained beam search (prompt cache shared by the beams, log-probs at the allowed
     tokens) ranks and scores as transformers' `prefix_allowed_tokens_fn` search does
     (`tests.helpers.beams.assert_like_transformers`): the sliding window cuts into the shared
-    prompt, and Gemma 3's final soft-cap shapes every log-prob. 1e-4: float32 logits of the two frameworks agree to ~1e-5, sums of <= 4."""
+    prompt, and Gemma 3's final soft-cap shapes every log-prob. 1e-4: float32 logits of the
+    two frameworks agree to ~1e-5, and a score sums <= 4 log-probs."""
     from gti_jax.models.decode import TrieConstraint, beam_search
 
     _, _, hf, model, tok = ckpt
