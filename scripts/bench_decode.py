@@ -13,8 +13,9 @@ distinct item IDs `<a_i><b_j><c_k>` (3 new tokens each); prompts "The user watch
   prefix_allowed_tokens_fn=<the same trie>, length_penalty=0.0, do_sample=False)`.
 
 Reported: sequences/s (prompts x 20 beams per second, median of `--repeats` runs after one
-warm-up), the ratio, that every returned sequence is a valid ID, and the top-1 agreement and
-mean overlap of the two 20-best lists.
+warm-up each; the two sides alternate within a repeat), the ratio (of the medians, and its
+range over the repeats), the load average before and after, that every returned sequence
+is a valid ID, and the top-1 agreement and mean overlap of the two 20-best lists.
 
 Usage::
 
@@ -46,14 +47,19 @@ from gti_jax.vocab.tokens import extend_tokenizer
 NUM_BEAMS = 20
 
 
-def _median(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _timed(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per run of each function, after one warm-up each (which compiles). The sides
+    alternate within each repeat, so on a shared machine each repeat's ratio compares runs
+    made under about the same load."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
@@ -151,8 +157,12 @@ def main() -> None:
             )
         out["torch"] = res[:, width:].reshape(len(prompts), NUM_BEAMS, -1).tolist()
 
-    t_jax, t_jax_all = _median(run_jax, args.repeats)
-    t_torch, t_torch_all = _median(run_torch, args.repeats)
+    load_before = os.getloadavg()
+    times = _timed({"jax": run_jax, "torch": run_torch}, args.repeats)
+    load_after = os.getloadavg()
+    t_jax_all, t_torch_all = times["jax"], times["torch"]
+    t_jax, t_torch = statistics.median(t_jax_all), statistics.median(t_torch_all)
+    ratios = [b / a for a, b in zip(t_jax_all, t_torch_all, strict=True)]
 
     ours = out["jax"].sequences
     theirs = out["torch"]
@@ -174,7 +184,10 @@ def main() -> None:
     print(f"{'gti_jax':<14}{t_jax:>10.3f}{n_seq / t_jax:>14.1f}")
     print(f"{'transformers':<14}{t_torch:>10.3f}{n_seq / t_torch:>14.1f}")
     print(f"ratio gti_jax/transformers: {t_torch / t_jax:.1f}x (medians); "
-          f"{min(t_torch_all) / min(t_jax_all):.1f}x (best runs)")  # fmt: skip
+          f"{min(t_torch_all) / min(t_jax_all):.1f}x (best runs); per repeat "
+          f"{min(ratios):.1f}x..{max(ratios):.1f}x")  # fmt: skip
+    fmt = lambda load: " ".join(f"{x:.2f}" for x in load)
+    print(f"load average (1, 5, 15 min): before {fmt(load_before)}, after {fmt(load_after)}")
     print(f"all valid: gti_jax {valid_jax}, transformers {valid_torch}; top-1 agreement "
           f"{top1:.0%}; mean 20-best overlap {overlap:.0%}")  # fmt: skip
     result = {
@@ -195,6 +208,9 @@ def main() -> None:
         "torch_seq_s": n_seq / t_torch,
         "ratio": t_torch / t_jax,
         "ratio_best": min(t_torch_all) / min(t_jax_all),
+        "ratios": ratios,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
         "all_valid_jax": valid_jax,
         "all_valid_torch": valid_torch,
         "top1_agreement": top1,

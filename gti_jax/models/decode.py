@@ -9,18 +9,21 @@ with the same model structure, batch size and prompt-length bucket reuses the co
   has produced an EOS token (or after `max_new_tokens`). Greedy by default; temperature,
   top-k and top-p sampling with an explicit key.
 * `beam_search`: batched beam search. The prompts are prefilled once (not once per beam) and
-  the cache is then repeated into `num_beams` rows per prompt and reordered by beam parents
-  (`KVCache.take`). Each step keeps the best `num_beams` unfinished continuations and merges
-  finished ones (EOS, or a complete candidate under a constraint) into a pool of the best
-  `num_beams` hypotheses; a prompt stops early once no live beam can beat its worst pooled
-  hypothesis. The whole search is one `while_loop` in one jit.
+  their keys/values are shared by the prompt's `num_beams` rows (`SharedPrefixKV`: stored
+  once, broadcast inside attention); only the slots of generated tokens are per beam and
+  follow beam parents (`KVCache.take`). Each step keeps the best `num_beams` unfinished
+  continuations and merges finished ones (EOS, or a complete candidate under a constraint)
+  into a pool of the best `num_beams` hypotheses; a prompt stops early once no live beam
+  can beat its worst pooled hypothesis. The whole search is one `while_loop` in one jit.
 * `TrieConstraint`: restricts beams to a fixed set of token sequences (e.g. the semantic IDs
   of all items). The trie is stored as padded arrays (`children_tokens [num_nodes, M]`), so a
-  constrained step gathers each beam's log-probs at its node's `M` allowed tokens and ranks
-  `num_beams x M` candidates per prompt: no `[num_nodes, V]` mask is ever built. A Python
-  callable `fn(prefix) -> allowed ids` (Hugging Face `prefix_allowed_tokens_fn` style) is also
-  accepted; it runs on the host once per step (only the model step and the beam update are
-  jit-compiled), so it is slower and meant for constraints a trie cannot express.
+  constrained step computes each beam's log-probs at its node's `M` allowed tokens only
+  (normalized over the whole vocabulary, as transformers does: `_trie_logp`) and ranks
+  `num_beams x M` candidates per prompt: no `[num_nodes, V]` mask or `[R, V]` log-softmax
+  is ever built. A Python callable `fn(prefix) -> allowed ids` (Hugging Face
+  `prefix_allowed_tokens_fn` style) is also accepted; it runs on the host once per step
+  (only the model step and the beam update are jit-compiled), so it is slower and meant for
+  constraints a trie cannot express.
 * `score_sequences`: teacher-forced log-probability sums of continuations, the exhaustive
   reference for beam search and a building block for evaluation.
 
@@ -52,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from gti_jax.errors import BadInput
-from gti_jax.models.llama import KVCache, LlamaForCausalLM
+from gti_jax.models.llama import KVCache, LlamaForCausalLM, SharedPrefixKV
 
 __all__ = [
     "BeamOutput",
@@ -373,6 +376,26 @@ def _prefill(model: LlamaForCausalLM, ids: Array, mask: Array, max_len: int):
     return model.logits(h[:, -1:])[:, 0], cache
 
 
+def _prefill_beams(model: LlamaForCausalLM, ids: Array, mask: Array, num_beams: int, n: int):
+    """Prefills each prompt once into a cache its `num_beams` rows share (`SharedPrefixKV`).
+
+    The prompt's keys/values stay `[B, P, K, hd]`, broadcast to the beams inside attention;
+    only the `n` slots of new tokens are per beam, so following beam parents each step moves
+    `B x W x n` slots, not `B x W x (P + n)`. Returns last-position logits `[B, V]`.
+    """
+    logits, cache = _prefill(model, ids, mask, ids.shape[1])
+    rows = ids.shape[0] * num_beams
+    own = lambda x: SharedPrefixKV(x, jnp.zeros((rows, n, *x.shape[2:]), x.dtype))
+    cache = KVCache(
+        k=tuple(own(x) for x in cache.k),
+        v=tuple(own(x) for x in cache.v),
+        key_mask=jnp.pad(jnp.repeat(cache.key_mask, num_beams, axis=0), ((0, 0), (0, n))),
+        positions=jnp.repeat(cache.positions, num_beams),
+        index=cache.index,
+    )
+    return logits, cache
+
+
 def _step(model: LlamaForCausalLM, tok: Array, cache: KVCache):
     """Feeds one token per row `[R]`; returns logits `[R, V]` and the cache."""
     h, cache = model.hidden_states(model.embed(tok[:, None]), cache=cache)
@@ -570,7 +593,11 @@ def _select(
     length_penalty: Array,
     max_new_tokens: int,
 ) -> tuple[_Beams, Array, Array]:
-    """One beam update from log-probs `[B, W, V]`; returns (beams, parents `[B, W]`, tokens)."""
+    """One beam update; returns (beams, parents `[B, W]`, tokens).
+
+    `logp` is `[B, W, V]` without a trie and `[B, W, M]` under one: each beam's log-probs at
+    its node's allowed tokens `trie.tokens[node]` (`_trie_logp`).
+    """
     b, w, v = logp.shape
     alive_sum = jnp.where(beams.done[:, None], _NEG_INF, beams.alive_sum)
     if trie is None:
@@ -585,8 +612,7 @@ def _select(
         cand_node = trie.nodes[beams.alive_node]
         m = cand_tok.shape[-1]
         valid = cand_tok >= 0
-        picked = jnp.take_along_axis(logp, jnp.maximum(cand_tok, 0), axis=-1)
-        total = jnp.where(valid, alive_sum[..., None] + picked, _NEG_INF)
+        total = jnp.where(valid, alive_sum[..., None] + logp, _NEG_INF)
         final = valid & trie.final[cand_node]
         cont = valid & trie.has_children[cand_node]
         cand_tok, cand_node = cand_tok.reshape(b, w * m), cand_node.reshape(b, w * m)
@@ -651,6 +677,24 @@ def _logp(logits: Array, num_tokens: Array) -> Array:
     return jax.nn.log_softmax(_mask_vocab(logits, num_tokens), axis=-1)
 
 
+def _trie_logp(logits: Array, tokens: Array, num_tokens: Array) -> Array:
+    """`_logp(logits)` at `tokens [..., M]` only (-1 padding reads token 0; callers mask it).
+
+    The normalizer is still the whole vocabulary's (rows `< num_tokens`), as in
+    transformers' constrained beam search, which log-softmaxes all logits and then sets the
+    disallowed ones to -inf: renormalizing over the allowed tokens would change every score
+    and the ranking (beams at different nodes have different disallowed mass). So the head's
+    full matmul stays (its logsumexp needs every column), but the `[R, V]` log-softmax is
+    never materialized: `(x_c - max) - log(sum(exp(x - max)))`, the same expression
+    `jax.nn.log_softmax` evaluates, at the `M` allowed columns.
+    """
+    x = _mask_vocab(logits, num_tokens)
+    top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    norm = jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True))
+    picked = jnp.take_along_axis(x, jnp.maximum(tokens, 0), axis=-1)
+    return (picked - top) - norm
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "num_beams", "max_new_tokens", "use_trie"),
@@ -660,8 +704,13 @@ def _beam_jit(graphdef, state, ids, mask, trie, knobs, *, num_beams, max_new_tok
     num_tokens, length_penalty = knobs["num_tokens"], knobs["length_penalty"]
     b, w, n = ids.shape[0], num_beams, max_new_tokens
     trie = trie if use_trie else None
-    logits, cache = _prefill(model, ids, mask, ids.shape[1] + n)
-    logp = jnp.broadcast_to(_logp(logits, num_tokens)[:, None], (b, w, logits.shape[-1]))
+    logits, cache = _prefill_beams(model, ids, mask, w, n)
+
+    def logp_of(logits, beams):  # [B, W or 1, V] -> what `_select` ranks
+        if trie is None:
+            return _logp(logits, num_tokens)
+        return _trie_logp(logits, trie.tokens[beams.alive_node[:, : logits.shape[1]]], num_tokens)
+
     select = functools.partial(
         _select,
         trie=trie,
@@ -670,9 +719,10 @@ def _beam_jit(graphdef, state, ids, mask, trie, knobs, *, num_beams, max_new_tok
         max_new_tokens=n,
     )
     beams = _init_beams(b, w, n, knobs["pad_id"])
+    # Right after the prefill every beam of a prompt is at the root: one row of log-probs.
+    logp = logp_of(logits[:, None], beams)
+    logp = jnp.broadcast_to(logp, (b, w, logp.shape[-1]))
     beams, _, tok = select(beams, logp, jnp.asarray(0, jnp.int32))
-    # Right after the prefill every beam of a prompt shares the prompt's cache row.
-    cache = cache.take(jnp.repeat(jnp.arange(b), w))
     rows = (jnp.arange(b) * w)[:, None]
 
     def cond(carry):
@@ -682,8 +732,7 @@ def _beam_jit(graphdef, state, ids, mask, trie, knobs, *, num_beams, max_new_tok
     def body(carry):
         t, beams, tok, cache = carry
         logits, cache = _step(model, tok.reshape(-1), cache)
-        logp = _logp(logits, num_tokens).reshape(b, w, -1)
-        beams, parent, tok = select(beams, logp, t)
+        beams, parent, tok = select(beams, logp_of(logits.reshape(b, w, -1), beams), t)
         cache = cache.take((rows + parent).reshape(-1))
         return t + 1, beams, tok, cache
 
@@ -702,8 +751,7 @@ def _beam_jit(graphdef, state, ids, mask, trie, knobs, *, num_beams, max_new_tok
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "max_new_tokens"))
 def _host_prefill(graphdef, state, ids, mask, num_tokens, *, num_beams, max_new_tokens):
     model = nnx.merge(graphdef, state)
-    logits, cache = _prefill(model, ids, mask, ids.shape[1] + max_new_tokens)
-    cache = cache.take(jnp.repeat(jnp.arange(ids.shape[0]), num_beams))
+    logits, cache = _prefill_beams(model, ids, mask, num_beams, max_new_tokens)
     return _logp(logits, num_tokens), cache
 
 
@@ -800,7 +848,7 @@ def beam_search(
 ) -> BeamOutput:
     """Batched beam search returning `num_beams` distinct hypotheses per prompt, best first.
 
-    Each prompt is prefilled once; its cache is then repeated into `num_beams` rows. A step
+    Each prompt is prefilled once and its cache shared by its `num_beams` rows. A step
     keeps the `num_beams` best unfinished continuations over all beams x allowed tokens and
     moves finishing ones (an `eos_ids` token, or a complete candidate of a trie without EOS)
     into a pool of the `num_beams` best hypotheses; live beams still present after

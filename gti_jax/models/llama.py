@@ -59,7 +59,7 @@ from flax import nnx
 
 from gti_jax.models.config import LlamaConfig
 
-__all__ = ["LlamaForCausalLM", "KVCache", "rope_inv_freq", "default_positions"]
+__all__ = ["LlamaForCausalLM", "KVCache", "SharedPrefixKV", "rope_inv_freq", "default_positions"]
 
 Array = jax.Array
 _INIT_STD = 0.02
@@ -262,9 +262,11 @@ class KVCache(NamedTuple):
             4
         """
         pick = lambda x: jnp.take(x, rows, axis=0)
+        # A shared prompt stays put: only the beams' own slots follow `rows`.
+        pick_kv = lambda x: x.take(rows) if isinstance(x, SharedPrefixKV) else pick(x)
         return KVCache(
-            k=tuple(pick(x) for x in self.k),
-            v=tuple(pick(x) for x in self.v),
+            k=tuple(pick_kv(x) for x in self.k),
+            v=tuple(pick_kv(x) for x in self.v),
             key_mask=pick(self.key_mask),
             positions=pick(self.positions),
             index=self.index,
@@ -283,6 +285,25 @@ class KVCache(NamedTuple):
             positions=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
+
+
+class SharedPrefixKV(NamedTuple):
+    """One layer's keys (or values) in a cache whose rows share prompts (beam search).
+
+    A prompt's `P` slots are stored once (`prefix [B, P, K, hd]`) and read by all of its
+    `W` rows, where a plain cache would hold `W` copies; each row's own slots (the tokens
+    generated after the prompt) are in `suffix [B * W, S - P, K, hd]`, rows of one prompt
+    adjacent. The `KVCache` holding it keeps its per-row `key_mask [B * W, S]`,
+    `positions` and `index` as usual, so masks and RoPE are unchanged; `Attention` reads
+    both parts, and `KVCache.take` reorders only `suffix` (rows must stay within their
+    prompt, as beam parents do).
+    """
+
+    prefix: Array
+    suffix: Array
+
+    def take(self, rows: Array) -> SharedPrefixKV:
+        return SharedPrefixKV(self.prefix, jnp.take(self.suffix, rows, axis=0))
 
 
 class Attention(nnx.Module):
@@ -330,6 +351,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if kv is not None and isinstance(kv[0], SharedPrefixKV):
+            return self._attend_shared_prefix(q, k, v, mask, kv, index)
         new_kv = None
         if kv is not None:
             start = (0, index, 0, 0)
@@ -340,13 +363,38 @@ class Attention(nnx.Module):
         groups = q.shape[2] // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        probs = self._probs(scores, mask)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, -1, self.head_dim)
+        return self.o_proj(out), new_kv
+
+    def _probs(self, scores: Array, mask: Array) -> Array:
+        """Attention weights from raw `q.k` scores `[B, K, G, T, S]` and `mask [B, T, S]`."""
         scores = scores * self.scale
         if self.softcap is not None:
             scores = self.softcap * jnp.tanh(scores / self.softcap)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, -1, self.head_dim)
-        return self.o_proj(out), new_kv
+        return jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+
+    def _attend_shared_prefix(self, q, k, v, mask, kv, index):
+        """`__call__` over a `SharedPrefixKV` cache: each row's queries attend to its
+        prompt's slots (read once per prompt, broadcast over its rows) and to its own."""
+        (kp, ks), (vp, vs) = kv
+        n, p = kp.shape[:2]
+        ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype), (0, index - p, 0, 0))
+        vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype), (0, index - p, 0, 0))
+        b, t, h, hd = q.shape
+        kh, w = self.num_kv_heads, b // n
+        q = q.reshape(n, w, t, kh, h // kh, hd)
+        per_row = lambda x: x.reshape(n, w, *x.shape[1:]).astype(self.dtype)
+        f32 = dict(preferred_element_type=jnp.float32)
+        pre = jnp.einsum("nwtkgh,nskh->nwkgts", q, kp.astype(self.dtype), **f32)
+        own = jnp.einsum("nwtkgh,nwskh->nwkgts", q, per_row(ks), **f32)
+        scores = jnp.concatenate([pre, own], axis=-1).reshape(b, kh, h // kh, t, -1)
+        probs = self._probs(scores, mask).reshape(n, w, kh, h // kh, t, -1)
+        out = jnp.einsum("nwkgts,nskh->nwtkgh", probs[..., :p], vp.astype(self.dtype))
+        out = out + jnp.einsum("nwkgts,nwskh->nwtkgh", probs[..., p:], per_row(vs))
+        new_kv = (SharedPrefixKV(kp, ks), SharedPrefixKV(vp, vs))
+        return self.o_proj(out.reshape(b, t, h, hd)), new_kv
 
 
 class MLP(nnx.Module):

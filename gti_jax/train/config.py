@@ -210,7 +210,12 @@ class EvalConfig:
     """Longest completion generated, in tokens."""
 
     batch_size: int = 8
-    """Prompts decoded at once."""
+    """Prompts decoded at once (loss, greedy exact_match)."""
+
+    beam_batch_size: int = 32
+    """Prompts per constrained beam-search call (each is `beams` rows sharing its prompt's
+    cache); the prompts are split into equal chunks, the last padded, so one compile serves
+    them all."""
 
     exact_match: bool = True
     """Also decode greedily and report exact_match (one more pass over the prompts)."""
@@ -464,6 +469,7 @@ def _check_eval(ev: EvalConfig) -> None:
     at_least("eval.max_examples", ev.max_examples, 0)
     at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
     at_least("eval.batch_size", ev.batch_size, 1)
+    at_least("eval.beam_batch_size", ev.beam_batch_size, 1)
     at_least("eval.curve_every", ev.curve_every, 0)
 
 

@@ -66,6 +66,26 @@ def training_targets(examples: Sequence[Example]) -> Counter:
     return counts
 
 
+def _equal_chunks(rows: list, size: int) -> list[tuple[int, list]]:
+    """`(start, chunk)` pairs of at most `size` rows, all of one length (the last padded by
+    repeating its last row): one batch shape, so one compiled beam search per prompt bucket.
+
+    >>> [(i, len(c)) for i, c in _equal_chunks(list(range(10)), 4)]
+    [(0, 4), (4, 4), (8, 4)]
+    >>> [(i, len(c)) for i, c in _equal_chunks(list(range(65)), 32)]
+    [(0, 22), (22, 22), (44, 22)]
+    """
+    if not rows:
+        return []
+    parts = -(-len(rows) // size)
+    step = -(-len(rows) // parts)
+    out = []
+    for i in range(0, len(rows), step):
+        chunk = rows[i : i + step]
+        out.append((i, chunk + [chunk[-1]] * (step - len(chunk))))
+    return out
+
+
 class Evaluator:
     """Evaluates models on one task (see the module docstring).
 
@@ -212,18 +232,17 @@ class Evaluator:
         beams = max(self.cfg.eval.beams, 1)
         max_new = max(len(k) for k in self._seqs) + (0 if self.sequence else 1)
         ranked, generated = [], []
-        nb = max(1, self.cfg.eval.batch_size // 2)
-        for i in range(0, len(self.prompts), nb):
+        for i, chunk in _equal_chunks(self.prompts, self.cfg.eval.beam_batch_size):
             out = beam_search(
                 model,
-                self.prompts[i : i + nb],
+                chunk,
                 num_beams=beams,
                 max_new_tokens=max_new,
                 eos_ids=[] if self.sequence else [self.end],
                 num_tokens=self.num_tokens,
                 constraint=self.trie,
             )
-            for hyps in out.sequences:
+            for hyps in out.sequences[: len(self.prompts) - i]:  # drops the padding
                 names = []
                 for h in hyps:
                     key = tuple(int(t) for t in h if self.sequence or t != self.end)

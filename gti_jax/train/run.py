@@ -212,6 +212,7 @@ _RESUME_FREE = (
     # evaluation reads the model, never changes it: a resumed run may evaluate differently
     "eval.curve_every",
     "eval.batch_size",
+    "eval.beam_batch_size",
     "eval.exact_match",
     "checkpoint.keep",
     "checkpoint.async_save",

@@ -32,6 +32,7 @@ from flax import nnx
 from gti_jax.io.safetensors import load_dir_tensors
 from gti_jax.models import ConfigError, LlamaConfig, export_hf_dir, load_hf_dir
 from gti_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
+from tests.helpers.beams import CANDIDATES, assert_like_transformers, hf_constrained_beams
 from tests.helpers.tokenizers import save_tiny_tokenizer
 
 FAMILIES = ("mistral", "gemma3", "gemma3_released")
@@ -260,6 +261,27 @@ def test_decode_generate_matches_cache_loop(ckpt):
     ours = generate(model, prompts, max_new_tokens=NEW, num_tokens=model.num_rows)
     for i in range(B):
         assert list(ours.tokens[i]) == list(got[i]), i
+
+
+def test_constrained_beam_search_matches_transformers(ckpt):
+    """Constrained beam search (prompt cache shared by the beams, log-probs at the allowed
+    tokens) ranks and scores as transformers' `prefix_allowed_tokens_fn` search does
+    (`tests.helpers.beams.assert_like_transformers`): the sliding window cuts into the shared
+    prompt, and Gemma 3's final soft-cap shapes every log-prob. 1e-4: float32 logits of the
+    two frameworks agree to ~1e-5, and a score sums <= 4 log-probs."""
+    from gti_jax.models.decode import TrieConstraint, beam_search
+
+    _, _, hf, model, tok = ckpt
+    ids, mask = _batch(tok, padded=True)
+    prompts = [[int(t) for t in row[m.astype(bool)]] for row, m in zip(ids, mask, strict=True)]
+    eos = tok.eos_token_id
+    trie = TrieConstraint.from_sequences(CANDIDATES, eos_id=eos)
+    for w in (3, len(CANDIDATES)):  # fewer beams than candidates, and as many (exhaustive)
+        kw = dict(num_beams=w, max_new_tokens=trie.max_length)
+        ours = beam_search(model, prompts, constraint=trie, pad_id=eos, **kw)
+        seqs, scores = hf_constrained_beams(hf, prompts, trie, pad=eos, **kw)
+        exhaustive = w == len(CANDIDATES)
+        assert_like_transformers(ours, seqs, scores, atol=1e-4, exhaustive=exhaustive)
 
 
 def test_export_reload_in_transformers(ckpt, tmp_path):

@@ -22,6 +22,9 @@ from gti_jax.models.decode import (
     generate,
     score_sequences,
 )
+from gti_jax.models.llama import SharedPrefixKV
+from tests.helpers.beams import CANDIDATES as HF_CANDIDATES
+from tests.helpers.beams import assert_like_transformers, hf_constrained_beams
 from tests.helpers.hf_models import make_tiny_hf_model, tiny_llama
 
 V = 48
@@ -272,3 +275,88 @@ def test_trie_arrays_and_errors(model):
         generate(model, [[1], []], max_new_tokens=N)
     with pytest.raises(DecodeError, match="must be in"):
         generate(model, [[1, V]], max_new_tokens=N)
+
+
+HF_PROMPTS = [[86, 260, 223, 83, 87, 277, 77, 280, 354], [42, 299, 81, 272], [67]]
+
+
+def test_constrained_beams_match_transformers_and_exhaustive(tmp_path):
+    """Ranked candidates and scores as transformers' constrained beam search (tied Llama):
+    equal with as many beams as candidates, a pool at least as good with fewer (see
+    `tests.helpers.beams`; here the two differ at `W = 3`, the test can fail either way).
+
+    Scores on both sides are sums of log-probs normalized over the whole vocabulary; float32
+    forwards of two frameworks agree to ~1e-6 per logit, so 1e-4 bounds a sum of <= 4.
+    """
+    model, tok = load_hf_dir(make_tiny_hf_model(tmp_path, "llama"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "llama-0"), dtype=torch.float32
+    ).eval()
+    eos = tok.eos_token_id
+    trie = TrieConstraint.from_sequences(HF_CANDIDATES, eos_id=eos)
+    n = trie.max_length
+    for w in (3, len(HF_CANDIDATES)):  # fewer beams than candidates, and exactly as many
+        ours = beam_search(
+            model, HF_PROMPTS, num_beams=w, max_new_tokens=n, constraint=trie, pad_id=eos
+        )
+        seqs, scores = hf_constrained_beams(
+            hf, HF_PROMPTS, trie, num_beams=w, max_new_tokens=n, pad=eos
+        )
+        exhaustive = w == len(HF_CANDIDATES)
+        assert_like_transformers(ours, seqs, scores, atol=1e-4, exhaustive=exhaustive)
+        if w == 3:  # transformers' pool misses an EOS candidate outside its best 2W
+            assert ours.sequences != seqs
+    # As many beams as candidates is exhaustive: every candidate, ranked by its full score.
+    # More beams than candidates (transformers then returns copies at -1e9): the same list,
+    # and -inf scores for the beams no candidate fills.
+    more = beam_search(model, HF_PROMPTS, num_beams=10, max_new_tokens=n, constraint=trie)
+    for i, p in enumerate(HF_PROMPTS):
+        ref = score_sequences(model, p, [c + [eos] for c in HF_CANDIDATES])
+        order = np.argsort(-ref, kind="stable")
+        assert ours.sequences[i] == [HF_CANDIDATES[j] + [eos] for j in order]
+        np.testing.assert_allclose(ours.scores[i], ref[order], atol=1e-4)
+        assert more.sequences[i] == ours.sequences[i]
+        assert np.isneginf(more.scores[i, len(HF_CANDIDATES) :]).all()
+
+
+def test_shared_prompt_cache_equals_repeated_cache(flat_model):
+    """Beams reading their prompt's keys/values once (`SharedPrefixKV`) get the logits of a
+    cache holding a copy per beam: the same products, summed over the prompt's slots and the
+    beam's own in two parts, so float32 agrees to ~1e-6 (not bitwise)."""
+    w, n = 3, N
+    graphdef, state = nnx.split(flat_model)
+    ids, mask = dec._left_pad(PROMPTS, pad_id=0, bucket=8, num_rows=V)
+
+    @jax.jit
+    def run(state, ids, mask, toks, parents):
+        model = nnx.merge(graphdef, state)
+        _, plain = dec._prefill(model, ids, mask, ids.shape[1] + n)
+        plain = plain.take(jnp.repeat(jnp.arange(ids.shape[0]), w))
+        _, shared = dec._prefill_beams(model, ids, mask, w, n)
+        assert isinstance(shared.k[0], SharedPrefixKV)
+        out = []
+        for tok, parent in zip(toks, parents, strict=True):
+            a, plain = dec._step(model, tok, plain)
+            b, shared = dec._step(model, tok, shared)
+            out.append((a, b))
+            plain, shared = plain.take(parent), shared.take(parent)
+        return out
+
+    b = len(PROMPTS)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, V, (n - 1, b * w)).astype(np.int32)
+    # parents stay within each prompt's rows, as beam search's do
+    parents = (np.arange(b)[:, None] * w + rng.integers(0, w, (n - 1, b, w))).reshape(n - 1, -1)
+    for a, b_ in run(state, ids, mask, toks, parents):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-5)
+
+
+def test_trie_logp_is_log_softmax_at_the_allowed_tokens():
+    """`_trie_logp` evaluates `jax.nn.log_softmax`'s own expression at M columns (padding
+    rows masked by `num_tokens`), so it equals gathering the full log-softmax exactly."""
+    logits = jax.random.normal(jax.random.key(0), (2, 3, V)) * 5
+    tokens = jnp.asarray(np.random.default_rng(1).integers(-1, 40, (2, 3, 6)), jnp.int32)
+    num_tokens = jnp.int32(40)
+    full = jax.jit(lambda x, t, n: jnp.take_along_axis(dec._logp(x, n), jnp.maximum(t, 0), axis=-1))
+    part = jax.jit(dec._trie_logp)(logits, tokens, num_tokens)
+    np.testing.assert_array_equal(np.asarray(part), np.asarray(full(logits, tokens, num_tokens)))
