@@ -28,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +106,11 @@ class PlanSection:
     devices: int | None = None
     """Devices of the mesh; null: the product of mesh.shape (needed when an axis is -1)."""
 
+    sample_layers: int | None = None
+    """Compile the model with this many and with twice as many decoder layers and extrapolate
+    every figure linearly to its real depth (exact for memory of unrolled, identical layers
+    up to XLA's buffer packing; quicker to compile); null: compile the whole model."""
+
     hbm_gib: float | None = None
     """Memory per device in GiB for the fit check; null: the accelerator's."""
 
@@ -130,6 +135,7 @@ def _check_plan(cfg: PlanConfig) -> None:
     engine.at_least("plan.targets", p.targets, 1)
     engine.at_least("plan.ground_prefix", p.ground_prefix, 0)
     engine.at_least("plan.devices", p.devices, 1)
+    engine.at_least("plan.sample_layers", p.sample_layers, 1)
     engine.positive("plan.hbm_gib", p.hbm_gib)
 
 
@@ -341,8 +347,11 @@ def _compile(stage, step, args, extra, *, rows, length, width, accum, devices, t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     text = compiled.as_text()
+    # XLA counts a loop body (the gradient-accumulation scan) once: add the matrix
+    # multiplications of its other trips (their elementwise work stays uncounted, ~1%), and
+    # scale the bytes by the same ratio
     weighted, once = dot_flops(text)
-    scale = weighted / once if once else 1.0  # loop bodies that XLA counted once
+    scale = weighted / once if once else 1.0
     peak = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -360,7 +369,7 @@ def _compile(stage, step, args, extra, *, rows, length, width, accum, devices, t
         batch_bytes=_device_bytes(batch, sh_batch),
         temp_bytes=int(mem.temp_size_in_bytes),
         peak_bytes=int(peak),
-        flops=float(cost.get("flops", 0.0)) * scale,
+        flops=float(cost.get("flops", 0.0)) + weighted - once,
         bytes_accessed=float(cost.get("bytes accessed", 0.0)) * scale,
         collectives=summarize(collectives(text, devices)),
         compile_seconds=round(seconds, 1),
@@ -442,12 +451,51 @@ def plan_stages(cfg: PlanConfig) -> tuple[dict[str, Any], list[StagePlan]]:
         "mesh": {k: int(v) for k, v in (mesh.shape if mesh else {"devices": 1}).items()},
         "devices": _ndev(mesh),
     }
+    k = cfg.plan.sample_layers
+    if k is None or 2 * k >= config.num_hidden_layers:
+        return about, _plan_all(cfg, config, new_ids, mesh, rules)
+    about["sampled_layers"] = [k, 2 * k]
+    small = _plan_all(cfg, config.replace(num_hidden_layers=k), new_ids, mesh, rules)
+    large = _plan_all(cfg, config.replace(num_hidden_layers=2 * k), new_ids, mesh, rules)
+    t = (config.num_hidden_layers - k) / k
+    return about, [_extrapolate(a, b, t) for a, b in zip(small, large, strict=True)]
+
+
+def _plan_all(cfg, config, new_ids, mesh, rules) -> list[StagePlan]:
     stages = []
     if cfg.ground.steps > 0:
         stages.append(plan_ground(cfg, config, new_ids, mesh, rules))
     if cfg.sft.steps > 0:
         stages.append(plan_sft(cfg, config, mesh, rules))
-    return about, stages
+    return stages
+
+
+_LINEAR = ("trainable_params", "param_bytes", "opt_bytes", "temp_bytes", "peak_bytes")
+
+
+def _extrapolate(a: StagePlan, b: StagePlan, t: float) -> StagePlan:
+    """``a + t (b - a)`` for every per-layer figure of two plans (k and 2k layers)."""
+    line = lambda x, y: x + t * (y - x)  # noqa: E731
+    out = {f: int(round(line(getattr(a, f), getattr(b, f)))) for f in _LINEAR}
+    keys = {(c["kind"], c["group_size"]) for c in a.collectives + b.collectives}
+    zero = {"instructions": 0, "executions": 0, "operand_bytes": 0, "traffic_bytes": 0.0}
+    pick = lambda plan, key: next(  # noqa: E731
+        (c for c in plan.collectives if (c["kind"], c["group_size"]) == key), zero
+    )
+    colls = []
+    for key in keys:
+        ca, cb = pick(a, key), pick(b, key)
+        c = {n: line(ca[n], cb[n]) for n in zero}
+        c = {n: (v if n == "traffic_bytes" else int(round(v))) for n, v in c.items()}
+        colls.append({"kind": key[0], "group_size": key[1], **c})
+    return replace(
+        a,
+        **out,
+        flops=line(a.flops, b.flops),
+        bytes_accessed=line(a.bytes_accessed, b.bytes_accessed),
+        collectives=sorted(colls, key=lambda c: -c["traffic_bytes"]),
+        compile_seconds=round(a.compile_seconds + b.compile_seconds, 1),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,6 +575,12 @@ def format_plan(cfg: PlanConfig, about: dict, stages: Sequence[StagePlan]) -> st
         f"{hbm / _GiB:.0f} GiB, {acc.peak_flops / 1e12:.0f} TFLOP/s, "
         f"{acc.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, {acc.link_bytes_per_s / 1e9:.0f} GB/s link",
     ]
+    if "sampled_layers" in about:
+        k, k2 = about["sampled_layers"]
+        lines.append(
+            f"(compiled with {k} and {k2} decoder layers; every figure extrapolated linearly to "
+            f"{about['layers']})"
+        )
     for s in stages:
         t = estimate(s, acc)
         rows, length, width = s.batch
