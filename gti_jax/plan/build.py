@@ -19,7 +19,7 @@ gradient-accumulation scan, whose bodies XLA counts once.
 Example:
     >>> cfg = load_config(None, ["model=qwen3-0.6b", "plan.new_tokens=64"])
     >>> rows_for(cfg, *model_shape(cfg.model), mesh=None, rules=dict(cfg.mesh.rules))
-    (176256, range(151669, 151733))
+    (151936, range(151669, 151733))
 """
 
 from __future__ import annotations
