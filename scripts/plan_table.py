@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     accs = [ACCELERATORS[a] for a in args.accelerators]
     head = ["model", "stage", "devices", "mesh", "batch", "peak / device"]
     for a in accs:
-        head += [f"fits {a.hbm_bytes / _GiB:.0f} GiB ({a.name})", f"step on {a.name}"]
+        head += [f"fits {a.hbm_bytes / _GiB:.0f} GiB", f"step on {a.name} (compute / HBM / comm)"]
     head.append("compile (s)")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|")
@@ -47,8 +47,10 @@ def main(argv=None) -> None:
             row = [plan["model"], s.stage, str(s.devices), _mesh(plan["mesh"]),
                    f"{s.batch[0]} x {s.batch[1]}", f"{s.peak_bytes / _GiB:.2f} GiB"]  # fmt: skip
             for a in accs:
+                t = estimate(s, a)
+                parts = " / ".join(_time(t[k]) for k in ("compute_s", "memory_s", "comm_s"))
                 row += ["yes" if s.peak_bytes <= a.hbm_bytes else "**no**",
-                        _time(estimate(s, a)["step_s"])]  # fmt: skip
+                        f"{_time(t['step_s'])} ({parts})"]  # fmt: skip
             row.append(f"{s.compile_seconds:.0f}")
             print("| " + " | ".join(row) + " |")
 
