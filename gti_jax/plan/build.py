@@ -286,6 +286,9 @@ class StagePlan:
         flops, bytes_accessed: XLA's cost analysis of one step on one device (loops scaled).
         collectives: :func:`gti_jax.plan.hlo.summarize` of the program's collectives.
         compile_seconds: the wall time of lowering and compiling.
+        sampled_peaks: with ``plan.sample_layers``, the peaks of the k- and 2k-layer
+            programs the figures were extrapolated from (a peak that does not grow with the
+            layers means XLA scheduled the two differently: trust it less).
     """
 
     stage: str
@@ -302,6 +305,7 @@ class StagePlan:
     bytes_accessed: float
     collectives: list[dict]
     compile_seconds: float
+    sampled_peaks: list[int] | None = None
 
 
 def _device_bytes(tree: Any, shardings: Any) -> int:
@@ -495,6 +499,7 @@ def _extrapolate(a: StagePlan, b: StagePlan, t: float) -> StagePlan:
         bytes_accessed=line(a.bytes_accessed, b.bytes_accessed),
         collectives=sorted(colls, key=lambda c: -c["traffic_bytes"]),
         compile_seconds=round(a.compile_seconds + b.compile_seconds, 1),
+        sampled_peaks=[a.peak_bytes, b.peak_bytes],
     )
 
 
@@ -590,7 +595,8 @@ def format_plan(cfg: PlanConfig, about: dict, stages: Sequence[StagePlan]) -> st
             f"(compiled in {s.compile_seconds:.0f} s)",
             f"  per device: parameters {_b(s.param_bytes)}, optimizer state {_b(s.opt_bytes)}, "
             f"batch {_b(s.batch_bytes)}, temporaries {_b(s.temp_bytes)}, peak "
-            f"{_b(s.peak_bytes)} ({100 * s.peak_bytes / hbm:.0f}% of {hbm / _GiB:.0f} GiB)",
+            f"{_b(s.peak_bytes)} ({100 * s.peak_bytes / hbm:.0f}% of {hbm / _GiB:.0f} GiB)"
+            + (f"; sampled peaks {', '.join(map(_b, s.sampled_peaks))}" if s.sampled_peaks else ""),
             f"  per device per step: {s.flops:.3e} FLOPs, {_b(s.bytes_accessed)} accessed",
         ]
         for c in s.collectives or [{"kind": "none"}]:
