@@ -101,7 +101,8 @@ class PlanSection:
 
     ground_prefix: int = 0
     """Leading positions of every grounding row without new tokens, run without gradient
-    (the trainer takes it from the data); 0: every position differentiated (the upper bound)."""
+    (the trainer takes it from the data; rounded down to a multiple of 16 as it does); 0:
+    every position differentiated (the upper bound)."""
 
     devices: int | None = None
     """Devices of the mesh; null: the product of mesh.shape (needed when an axis is -1)."""
@@ -396,7 +397,8 @@ def plan_ground(cfg: PlanConfig, config: LlamaConfig, new_ids: range, mesh, rule
     t0 = time.perf_counter()
     _check_batch(cfg, "ground", mesh, rules)
     rows, length, width = _shape(cfg, "ground")
-    prefix = min(cfg.plan.ground_prefix, max(0, length - 16) // 16 * 16)
+    # the trainer's prefixes are multiples of 16 that leave >= 16 positions (ground.py)
+    prefix = min(cfg.plan.ground_prefix // 16 * 16, max(0, length - 16) // 16 * 16)
     graphdef, state = nnx.split(nnx.eval_shape(_make_model(cfg, config)))
     tied = bool(config.tie_word_embeddings)
     step = ground_step_from_config(cfg, graphdef, state, new_ids, tied=tied, mesh=mesh, rules=rules)
