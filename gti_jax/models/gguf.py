@@ -29,6 +29,7 @@ import numpy as np
 from gti_jax.errors import BadInput
 
 __all__ = [
+    "gguf_config",
     "ALIASES",
     "GGUFError",
     "GGUFFileNotFoundError",
@@ -401,6 +402,27 @@ def _tokenizer(meta: dict[str, Any], reader: Any) -> Any:
     return PreTrainedTokenizerFast(**kwargs)
 
 
+def _header(reader: Any) -> tuple[dict[str, Any], set[str], dict[str, Any], int]:
+    """A reader's metadata, tensor names, HF config dict and tokenizer size."""
+    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    names = {t.name for t in reader.tensors}
+    num_tokens = len(meta.get("tokenizer.ggml.tokens", []))
+    config = _config(meta, tied="output.weight" not in names, num_tokens=num_tokens)
+    return meta, names, config, num_tokens
+
+
+def gguf_config(path: str | pathlib.Path) -> tuple[dict[str, Any], int]:
+    """A GGUF file's HF ``config.json`` dict and its tokenizer's size, without reading (or
+    dequantizing) a tensor: what a plan of the model's training needs (`gti_jax.plan`).
+
+    >>> config, num_tokens = gguf_config("smollm2-135m")
+    >>> config["hidden_size"], num_tokens
+    (576, 49152)
+    """
+    _, _, config, num_tokens = _header(_read(path))
+    return config, num_tokens
+
+
 def load_gguf(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray], Any]:
     """Loads a Llama GGUF file as an HF config, HF-named float32 arrays and a tokenizer.
 
@@ -428,10 +450,7 @@ def load_gguf(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.nd
     (30, (49152, 576))
     """
     reader = _read(path)
-    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    names = {t.name for t in reader.tensors}
-    num_tokens = len(meta.get("tokenizer.ggml.tokens", []))
-    config = _config(meta, tied="output.weight" not in names, num_tokens=num_tokens)
+    meta, names, config, _ = _header(reader)
     if "rope_freqs.weight" in names:
         raise GGUFError(
             "GGUF file has per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 style), "

@@ -64,6 +64,7 @@ from gti_jax.train.steps import (
 __all__ = [
     "GroundError",
     "ground_stage",
+    "ground_step_from_config",
     "GroundParams",
     "GroundStep",
     "eval_loss",
@@ -150,6 +151,12 @@ def _replace(state: Any, path: tuple[str, ...], value: jax.Array) -> Any:
 
 def _set(node: Any, value: jax.Array) -> Any:
     return node.replace(value) if isinstance(node, nnx.Variable) else value
+
+
+def _abstract(tree: Any) -> bool:
+    """Whether `tree` holds shapes only (`jax.ShapeDtypeStruct` leaves, e.g. from
+    `nnx.eval_shape`) rather than arrays."""
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
 def _rows_sharding(table: Any) -> Any:
@@ -499,7 +506,8 @@ class GroundStep(CompiledStep):
         self.frozen_state = frozen_state
         if mesh is not None:
             frozen_sh = state_shardings(frozen_state, mesh, rules)
-            self.frozen_state = jax.device_put(frozen_state, frozen_sh)
+            if not _abstract(frozen_state):  # an abstract state (gti_jax.plan) stays as it is
+                self.frozen_state = jax.device_put(frozen_state, frozen_sh)
             rows = NamedSharding(mesh, logical_to_spec((None, "embed"), rules, mesh, (n, dim)))
             shardings = dict(
                 param_shardings=GroundParams(rows, None if tied else rows),
@@ -701,6 +709,37 @@ def eval_loss(
 # --------------------------------------------------------------------------------------------
 
 
+def ground_step_from_config(
+    cfg: Any,
+    graphdef: Any,
+    frozen_state: Any,
+    new_ids: range,
+    *,
+    tied: bool,
+    mesh: Mesh | None,
+    rules: Rules,
+    max_prefix: int | None = None,
+) -> GroundStep:
+    """The grounding step a run builds from its config (``ground.*``, ``compute.*``).
+
+    One place for both callers: the stage (:func:`ground_stage`) and the planner
+    (:mod:`gti_jax.plan`, which builds it on an abstract `frozen_state` and compiles it
+    without running it), so a plan is always of the step the trainer runs.
+    """
+    return make_ground_step(
+        graphdef,
+        frozen_state,
+        new_ids,
+        guard_optimizer(ground_optimizer(cfg.ground)),
+        tied=tied,
+        compute_dtype=compute_dtype(cfg.ground.compute_dtype),
+        grad_accum=cfg.ground.grad_accum,
+        mesh=mesh,
+        rules=rules,
+        max_prefix=max_prefix,
+    )
+
+
 def _ground_state_tree(params, opt_state):
     p = (
         {"embed": params.embed}
@@ -722,15 +761,12 @@ def ground_stage(ctx: StageContext, model, new_range, tied, examples, token_info
     G = cfg.ground.steps
     t0 = time.perf_counter()
     graphdef, state = nnx.split(model)
-    tx = guard_optimizer(ground_optimizer(cfg.ground))
-    step_fn = make_ground_step(
+    step_fn = ground_step_from_config(
+        cfg,
         graphdef,
         state,
         new_range,
-        tx,
         tied=tied,
-        compute_dtype=compute_dtype(cfg.ground.compute_dtype),
-        grad_accum=cfg.ground.grad_accum,
         mesh=mesh,
         rules=rules,
         max_prefix=shared_prefix((ids for ids, _ in examples), new_range),

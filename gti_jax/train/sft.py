@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gti_jax.train.config import TrainConfig
 from gti_jax.train.loop import (
     NanGuard,
     StageContext,
@@ -24,9 +25,9 @@ from gti_jax.train.loop import (
 )
 from gti_jax.train.lora import apply_lora, merge_lora
 from gti_jax.train.runlog import atomic_write_text
-from gti_jax.train.steps import make_sft_step, sft_optimizer
+from gti_jax.train.steps import SFTStep, make_sft_step, sft_optimizer
 
-__all__ = ["learning_curve", "sft_stage"]
+__all__ = ["learning_curve", "sft_model_from_config", "sft_stage", "sft_step_from_config"]
 
 
 def learning_curve(ctx: StageContext, step_fn, units: np.ndarray, start: int):
@@ -88,6 +89,36 @@ def learning_curve(ctx: StageContext, step_fn, units: np.ndarray, start: int):
     return after_step
 
 
+def sft_model_from_config(cfg: TrainConfig, model: nnx.Module) -> nnx.Module:
+    """The model fine-tuning trains: `model` with LoRA adapters when ``sft.lora_rank > 0``
+    (the stage and :mod:`gti_jax.plan`, which calls it inside `nnx.eval_shape`, share it)."""
+    if cfg.sft.lora_rank <= 0:
+        return model
+    return apply_lora(
+        model,
+        rank=cfg.sft.lora_rank,
+        alpha=cfg.sft.lora_alpha,
+        dropout=cfg.sft.lora_dropout,
+        targets=cfg.sft.lora_targets,
+        rngs=nnx.Rngs(cfg.seed + 11),
+    )
+
+
+def sft_step_from_config(cfg: TrainConfig, model: nnx.Module, *, mesh, rules) -> SFTStep:
+    """The fine-tuning step a run builds from its config (``sft.*``, ``compute.*``) for the
+    model of :func:`sft_model_from_config`: one place for the stage and the planner
+    (:mod:`gti_jax.plan`, which builds it on an abstract model and compiles it unrun)."""
+    return make_sft_step(
+        model,
+        guard_optimizer(sft_optimizer(cfg.sft)),
+        lora=cfg.sft.lora_rank > 0,
+        compute_dtype=compute_dtype(cfg.sft.compute_dtype),
+        grad_accum=cfg.sft.grad_accum,
+        mesh=mesh,
+        rules=rules,
+    )
+
+
 def sft_stage(ctx: StageContext, model, examples, units=None):
     """The fine-tuning stage of a run: ``sft.steps`` steps, full or LoRA (merged at the end),
     resumed from the newest fine-tuning checkpoint; the learning curve when asked.
@@ -101,24 +132,8 @@ def sft_stage(ctx: StageContext, model, examples, units=None):
     S, G = cfg.sft.steps, cfg.ground.steps
     t0 = time.perf_counter()
     lora = cfg.sft.lora_rank > 0
-    if lora:
-        model = apply_lora(
-            model,
-            rank=cfg.sft.lora_rank,
-            alpha=cfg.sft.lora_alpha,
-            dropout=cfg.sft.lora_dropout,
-            targets=cfg.sft.lora_targets,
-            rngs=nnx.Rngs(cfg.seed + 11),
-        )
-    step_fn = make_sft_step(
-        model,
-        guard_optimizer(sft_optimizer(cfg.sft)),
-        lora=lora,
-        compute_dtype=compute_dtype(cfg.sft.compute_dtype),
-        grad_accum=cfg.sft.grad_accum,
-        mesh=mesh,
-        rules=rules,
-    )
+    model = sft_model_from_config(cfg, model)
+    step_fn = sft_step_from_config(cfg, model, mesh=mesh, rules=rules)
     st = step_fn.init(model)
     start, resumed_meta = 0, None
     if latest_meta is not None and latest_meta.get("stage") == "sft":

@@ -566,6 +566,18 @@ class CompiledStep:
         """``(loss_sum, num_targets)`` of one batch."""
         return self._eval(params, frozen, put_batch(batch, self._batch_sh))
 
+    def lower(self, params: Any, frozen: Any, batch: Batch, extra: Any) -> jax.stages.Lowered:
+        """The step lowered for these arguments without running it, for ahead-of-time planning
+        (:mod:`gti_jax.plan` compiles it for a mesh of fake devices and reads its memory, FLOPs
+        and collectives).
+
+        Every argument may be abstract (`jax.ShapeDtypeStruct`); the optimizer state is the
+        abstract ``init(params)``. Nothing is placed or donated (lowering traces the step,
+        which :attr:`traces` counts).
+        """
+        opt_state = jax.eval_shape(self._init, params)
+        return self._step.lower(params, frozen, opt_state, batch, extra)
+
 
 # --------------------------------------------------------------------------------------------
 # Supervised fine-tuning.

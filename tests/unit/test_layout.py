@@ -54,6 +54,9 @@ def test_imports_point_down(name, tree):
     if name.startswith(LOW):
         up = sorted(m for m in imports if m.startswith(("gti_jax.train", "gti_jax.pipeline")))
         assert not up, f"{name} imports the trainer: {up}"
+    if name.startswith((*LOW, "train/")):
+        plan = sorted(m for m in imports if m.startswith("gti_jax.plan"))
+        assert not plan, f"{name} imports the planner, which sits above it: {plan}"
     if name.startswith("train/") and name != "train/__main__.py":
         rec = sorted(m for m in imports if m.startswith(("gti_jax.rec", "gti_jax.pipeline")))
         assert not rec, f"{name} imports the front end: {rec}"
