@@ -27,13 +27,14 @@ __all__ = [
     "check_rec",
 ]
 
-RecDatasetName = Literal["movielens-100k", "amazon-2018", "amazon-2023", "csv"]
+RecDatasetName = Literal["movielens-100k", "amazon-2014", "amazon-2018", "amazon-2023", "csv"]
 SemanticIdMethod = Literal["rq_kmeans", "rq_vae"]
 RecTask = Literal["prompt", "sequence"]
 
 # rec.paths keys each dataset needs (required, optional).
 REC_PATH_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "movielens-100k": ((), ("dir",)),
+    "amazon-2014": (("reviews", "meta"), ()),
     "amazon-2018": (("reviews", "meta"), ()),
     "amazon-2023": (("reviews", "meta"), ()),
     "csv": (("interactions", "items"), ()),
@@ -45,8 +46,9 @@ class RecConfig:
     """The recommendation front end (python -m gti_jax.rec.prepare): data -> semantic IDs -> files."""
 
     dataset: RecDatasetName = "movielens-100k"
-    """Source: movielens-100k (ships with recbole), amazon-2018, amazon-2023 (JSON lines,
-    optionally gzip) or csv (interactions CSV + items JSONL)."""
+    """Source: movielens-100k (ships with recbole), amazon-2014 (Beauty/Sports/Toys: JSON or
+    Python-literal lines), amazon-2018, amazon-2023 (JSON lines; all optionally gzip) or csv
+    (interactions CSV + items JSONL)."""
 
     paths: dict[str, str] = field(default_factory=dict)
     """Input files: amazon-*: {reviews, meta}; csv: {interactions, items}; movielens-100k:

@@ -76,7 +76,12 @@ _FORMAT_VERSION = 1
 _DEFAULT_MAX_LEN = 128  # data.max_len's default, for a bare RecConfig
 _PREFIX_ROOM = 8  # tokens a sequence row keeps for rec.sequence_prefix and special tokens
 _KS = (5, 10, 20, 50, 100)  # the paper's cut-offs
-_ACTIONS = {"movielens-100k": "watched", "amazon-2018": "purchased", "amazon-2023": "purchased"}
+_ACTIONS = {
+    "movielens-100k": "watched",
+    "amazon-2014": "purchased",
+    "amazon-2018": "purchased",
+    "amazon-2023": "purchased",
+}
 
 
 class PrepareError(BadInput):
@@ -229,6 +234,8 @@ def _load(rec: RecConfig) -> rd.RecDataset:
     p = {k: Path(v).expanduser() for k, v in rec.paths.items()}
     if rec.dataset == "movielens-100k":
         return rd.load_movielens_100k(p.get("dir"))
+    if rec.dataset == "amazon-2014":
+        return rd.load_amazon_2014(p["reviews"], p["meta"])
     if rec.dataset == "amazon-2018":
         return rd.load_amazon_2018(p["reviews"], p["meta"])
     if rec.dataset == "amazon-2023":
