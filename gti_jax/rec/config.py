@@ -92,6 +92,12 @@ class RecConfig:
     semantic_ids: SemanticIdMethod = "rq_kmeans"
     """Quantizer: rq_kmeans (residual k-means) or rq_vae (the paper's RQ-VAE)."""
 
+    semantic_ids_file: str | None = None
+    """Import precomputed semantic IDs instead of computing them: a JSON map item id (or
+    index) -> code tokens, e.g. LC-Rec's .index.json {"0": ["<a_12>", "<b_3>", ...]}. Every
+    item left after filtering must be covered, with IDs of one length and no two alike.
+    null: computed by rec.semantic_ids."""
+
     levels: int = 3
     """Quantizer levels; one more disambiguation level is added when IDs collide."""
 
