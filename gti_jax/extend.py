@@ -251,6 +251,15 @@ def _read_rows(rows, ckpt: Checkpoint, p: _Plan) -> dict[str, tuple[list[int], n
     return out
 
 
+def _with_rows(resized: dict[str, np.ndarray], grounded) -> dict[str, np.ndarray]:
+    """The HF ``[V, D]`` tables with the grounded rows written over their tokens' rows."""
+    for name, (ids, values) in grounded.items():
+        table = np.array(resized[name])
+        table[ids] = values.astype(table.dtype)
+        resized[name] = table
+    return resized
+
+
 def _rows_sources(rows, grounded) -> dict[str, Path]:
     if rows is None:
         return {}
@@ -333,11 +342,7 @@ def extend_checkpoint(
         description_ids=p.desc_ids,
         init_kwargs=init_kwargs,
     )
-    resized = {k: np.asarray(v) for k, v in resized.items()}
-    for name, (ids, values) in grounded.items():  # rows: [V, D] tables, row per token
-        table = np.array(resized[name])
-        table[ids] = values.astype(table.dtype)
-        resized[name] = table
+    resized = _with_rows({k: np.asarray(v) for k, v in resized.items()}, grounded)
     t2 = time.perf_counter()
 
     with atomic_dir(out) as tmp:

@@ -243,7 +243,7 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "pairs.jsonl"
         >>> _ = p.write_text('{"prompt": "Capital of France?", "completion": "<paris>"}\\n')
         >>> read_examples(p)
-        [Example(prompt='Capital of France?', completion='<paris>', segments=None)]
+        [Example(prompt='Capital of France?', completion='<paris>', segments=None, messages=None)]
         >>> _ = p.write_text('{"segments": [{"text": "Seen:", "loss": false}, '
         ...                  '{"text": "<a_1>", "loss": false}, {"text": "<a_2>", "loss": true}]}\\n')
         >>> read_examples(p)[0].completion, read_examples(p)[0].num_targets

@@ -19,6 +19,7 @@ Run directory::
     stages.json        finished stages and their timings
     metrics.jsonl      {"stage", "step", "loss", "lr", "grad_norm", "tokens_per_s"} per log step
     checkpoints/       orbax checkpoints (grounding and fine-tuning steps)
+    checkpoints/best/  with checkpoint.best: the best validated fine-tuning state
     data/              files made by the recommendation front end (when data.* are unset)
     new_tokens.json    the new tokens, their ids, the semantic-ID codebooks
     grounded_rows.safetensors   the grounded rows alone, to apply to another copy of the model
