@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -73,6 +72,7 @@ class Validation:
         self.offset = cfg.ground.steps  # checkpoint steps are global
         self.best_ckpt = None
         self.named: dict[int, int | None] = {}  # kept checkpoint step -> the best it names
+        self.last_saved: int | None = None  # the newest checkpoint (maybe still being written)
         if self.every and cfg.checkpoint.best:
             directory = f"{ctx.ckpt.directory}/{_BEST_DIR}"
             self.best_ckpt = Checkpointer(
@@ -84,16 +84,13 @@ class Validation:
                     self.named[step] = m.get("valid", {}).get("best_step")
             self._prune()
 
-    @property
-    def directory(self) -> Path | None:
-        return None if self.best_ckpt is None else Path(self.best_ckpt.directory)
-
     def meta(self, global_step: int) -> dict[str, Any]:
         """What a checkpoint at `global_step` records (the state a resume continues from)."""
         if not self.every:
             return {}
         self._prune()  # what the keep policy deleted since the last save names no best now
         self.named[global_step] = self.best_step
+        self.last_saved = global_step
         state = {"best_step": self.best_step, "best_value": self.best_value}
         state.update(bad_evals=self.bad, stopped_early=self.stopped_early)
         return {"valid": state}
@@ -167,7 +164,7 @@ class Validation:
         """Deletes the best checkpoints no kept checkpoint names and that are not the best."""
         if self.best_ckpt is None:
             return
-        kept = set(self.ctx.ckpt.all_steps()) | set(self.named)
+        kept = set(self.ctx.ckpt.all_steps()) | {self.last_saved}
         self.named = {s: b for s, b in self.named.items() if s in kept}
         names = {self.offset + b for b in self.named.values() if b is not None}
         if self.best_step is not None:
