@@ -29,8 +29,8 @@ from tests.helpers.tiny_task import REPO, capture_export, results_without_timing
 PATIENCE = 2
 
 
-def _valid_file(task):
-    path = task.root / "valid.jsonl"
+def _valid_file(run_dir):
+    path = run_dir.parent / "valid.jsonl"  # beside the run: the task's files stay as they are
     if not path.exists():  # the same kind of rows as eval.jsonl: which token follows which
         rows = [
             {"prompt": f"after <i_{i}> comes", "completion": f"<i_{(i + 1) % 6}>"}
@@ -43,7 +43,7 @@ def _valid_file(task):
 def _args(task, run_dir):
     return [
         *task.stage_args(sft=10),
-        f"data.valid={_valid_file(task)}",
+        f"data.valid={_valid_file(run_dir)}",
         f"data.candidates={task.candidates}",
         "sft.lr=0.5",  # diverges after step 2: the last step is worse than an earlier one
         "eval.every=1",
