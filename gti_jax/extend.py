@@ -216,6 +216,46 @@ def _write_checkpoint(tmp: Path, ckpt: Checkpoint, resized: Mapping[str, Any], r
     ckpt.tokenizer.save_pretrained(str(tmp))
 
 
+def _read_rows(rows, ckpt: Checkpoint, p: _Plan) -> dict[str, tuple[list[int], np.ndarray]]:
+    """The grounded rows to apply, per HF tensor name, checked before any heavy work."""
+    from gti_jax.train.checkpoint import HEAD_ROWS_FILE, CheckpointError, checked_rows
+
+    token_ids = dict(ckpt.tokenizer.get_vocab())
+    token_ids.update(zip(p.to_add, p.resize.new_ids, strict=True))
+    dim = int(np.shape(ckpt.tensors["model.embed_tokens.weight"])[1])
+    out = {}
+    sources = {"model.embed_tokens.weight": Path(rows)}
+    head = Path(rows).with_name(HEAD_ROWS_FILE)
+    if not p.spec.tied and head.is_file():
+        sources["lm_head.weight"] = head
+    try:
+        for name, path in sources.items():
+            out[name] = checked_rows(path, token_ids, dim)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ExtendError(f"--rows: {e}") from None
+    if not p.spec.tied and "lm_head.weight" not in out:
+        _log(f"--rows: no {HEAD_ROWS_FILE} beside {rows}: the head's new rows keep their init")
+    return out
+
+
+def _with_rows(resized: dict[str, np.ndarray], grounded) -> dict[str, np.ndarray]:
+    """The HF ``[V, D]`` tables with the grounded rows written over their tokens' rows."""
+    for name, (ids, values) in grounded.items():
+        table = np.array(resized[name])
+        table[ids] = values.astype(table.dtype)
+        resized[name] = table
+    return resized
+
+
+def _rows_sources(rows, grounded) -> dict[str, Path]:
+    if rows is None:
+        return {}
+    from gti_jax.train.checkpoint import HEAD_ROWS_FILE
+
+    head = Path(rows).with_name(HEAD_ROWS_FILE)
+    return {n: Path(rows) if n.startswith("model.") else head for n in grounded}
+
+
 def extend_checkpoint(
     model: str,
     tokens: str | os.PathLike | Sequence[TokenEntry],
@@ -226,6 +266,7 @@ def extend_checkpoint(
     pad_to_multiple_of: int = 1,
     seed: int = 0,
     skip_existing: bool = False,
+    rows: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Extends a checkpoint with new tokens and writes it to ``out``.
 
@@ -238,6 +279,10 @@ def extend_checkpoint(
       pad_to_multiple_of: round the table's rows up to a multiple of this when it grows.
       seed: PRNG seed for random initializers.
       skip_existing: drop requested tokens that the tokenizer already has instead of failing.
+      rows: a ``grounded_rows.safetensors`` written by the trainer: its rows replace the
+        initialized rows of its tokens, which must have the ids the file records (an
+        untied model's head rows come from ``grounded_head_rows.safetensors`` beside it,
+        when there).
 
     Returns:
       The summary also written to ``out/gti_extend.json``: ``num_tokens`` (the extended
@@ -260,6 +305,7 @@ def extend_checkpoint(
         ckpt, entries, init=init, skip_existing=skip_existing, pad_to_multiple_of=pad_to_multiple_of
     )
     plan = p.resize
+    grounded = _read_rows(rows, ckpt, p) if rows is not None else {}
     _log(
         f"{len(p.to_add)} new tokens; tokenizer {p.num_tokens} -> {plan.new_num_tokens}; rows {p.num_rows} -> {plan.new_num_rows} ({'tied' if p.spec.tied else 'untied'} head)"
     )
@@ -283,7 +329,7 @@ def extend_checkpoint(
         description_ids=p.desc_ids,
         init_kwargs=init_kwargs,
     )
-    resized = {k: np.asarray(v) for k, v in resized.items()}
+    resized = _with_rows({k: np.asarray(v) for k, v in resized.items()}, grounded)
     t2 = time.perf_counter()
 
     with atomic_dir(out) as tmp:
@@ -298,6 +344,7 @@ def extend_checkpoint(
             "new_ids": [plan.new_ids.start, plan.new_ids.stop],
             "tied": p.spec.tied,
             "skipped_existing": len(entries) - len(p.to_add),
+            "rows": {name: str(path) for name, path in _rows_sources(rows, grounded).items()},
             "resize_seconds": round(t2 - t1, 3),
             "total_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -336,11 +383,16 @@ class ExtendConfig:
     skip_existing: bool = False
     """Skip requested tokens the tokenizer already has (instead of failing)."""
 
+    rows: str | None = None
+    """A grounded_rows.safetensors written by the trainer: its rows replace the new tokens'
+    init (checked against their ids; an untied head's rows are read from
+    grounded_head_rows.safetensors beside it)."""
+
 
 _HELP_HEADER = (
     "usage: python -m gti_jax.extend --model DIR|FILE.gguf|ALIAS|Org/Name[@rev] --tokens FILE",
     "           --out DIR [--init NAME] [--init-arg NAME=VALUE ...] [--pad-to-multiple-of N]",
-    "           [--seed S] [--skip-existing] [--config FILE] [--print-config]",
+    "           [--seed S] [--skip-existing] [--rows FILE] [--config FILE] [--print-config]",
     "",
     "Adds new tokens to a Hugging Face checkpoint (or GGUF) and initializes their rows.",
     "Every key is also accepted as key=value or --key=value (dashes or underscores).",
@@ -387,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pad_to_multiple_of=args.pad_to_multiple_of,
             seed=args.seed,
             skip_existing=args.skip_existing,
+            rows=args.rows,
         )
     except (ExtendError, TokenError, ResizeError, st.SafetensorsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -131,6 +131,7 @@ def prepared_data(cfg: RunConfig):
             pairs=Path(paths["pairs"]),
             sft=Path(paths["sft"]),
             eval=Path(paths["test"]),
+            valid=Path(paths["valid"]),
             candidates=Path(paths["candidates"]),
             aux=Path(paths["aux"]) if paths.get("aux") else None,
             semantic_ids=Path(sids) if sids else None,

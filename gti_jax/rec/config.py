@@ -27,13 +27,14 @@ __all__ = [
     "check_rec",
 ]
 
-RecDatasetName = Literal["movielens-100k", "amazon-2018", "amazon-2023", "csv"]
+RecDatasetName = Literal["movielens-100k", "amazon-2014", "amazon-2018", "amazon-2023", "csv"]
 SemanticIdMethod = Literal["rq_kmeans", "rq_vae"]
 RecTask = Literal["prompt", "sequence"]
 
 # rec.paths keys each dataset needs (required, optional).
 REC_PATH_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "movielens-100k": ((), ("dir",)),
+    "amazon-2014": (("reviews", "meta"), ()),
     "amazon-2018": (("reviews", "meta"), ()),
     "amazon-2023": (("reviews", "meta"), ()),
     "csv": (("interactions", "items"), ()),
@@ -45,8 +46,9 @@ class RecConfig:
     """The recommendation front end (python -m gti_jax.rec.prepare): data -> semantic IDs -> files."""
 
     dataset: RecDatasetName = "movielens-100k"
-    """Source: movielens-100k (ships with recbole), amazon-2018, amazon-2023 (JSON lines,
-    optionally gzip) or csv (interactions CSV + items JSONL)."""
+    """Source: movielens-100k (ships with recbole), amazon-2014 (Beauty/Sports/Toys: JSON or
+    Python-literal lines), amazon-2018, amazon-2023 (JSON lines; all optionally gzip) or csv
+    (interactions CSV + items JSONL)."""
 
     paths: dict[str, str] = field(default_factory=dict)
     """Input files: amazon-*: {reviews, meta}; csv: {interactions, items}; movielens-100k:
@@ -89,6 +91,12 @@ class RecConfig:
 
     semantic_ids: SemanticIdMethod = "rq_kmeans"
     """Quantizer: rq_kmeans (residual k-means) or rq_vae (the paper's RQ-VAE)."""
+
+    semantic_ids_file: str | None = None
+    """Import precomputed semantic IDs instead of computing them: a JSON map item id (or
+    index) -> code tokens, e.g. LC-Rec's .index.json {"0": ["<a_12>", "<b_3>", ...]}. Every
+    item left after filtering must be covered, with IDs of one length and no two alike.
+    null: computed by rec.semantic_ids."""
 
     levels: int = 3
     """Quantizer levels; one more disambiguation level is added when IDs collide."""

@@ -1,6 +1,6 @@
 """Recommendation data: loaders, filtering and the leave-one-out split, in one internal form.
 
-Every source (MovieLens-100k as shipped by ``recbole``, Amazon Reviews 2018 and 2023, a plain
+Every source (MovieLens-100k as shipped by ``recbole``, Amazon Reviews 2014, 2018 and 2023, a plain
 CSV + JSONL pair) is read into a :class:`RecDataset`: a tuple of :class:`Item` (index ``i`` is
 the item's integer index everywhere downstream) and, per user, the time-ordered tuple of item
 indices the user interacted with. Nothing here knows about tokens or models.
@@ -16,11 +16,13 @@ Conventions, the same for every loader:
   filtering; what it dropped is recorded in :attr:`RecDataset.notes` and logged.
 * Input files are untrusted: a missing file, a missing column or key, or a malformed line is
   reported in one line naming the file (and line) and the fix, before any heavy work that
-  depends on it. Nothing is ever ``eval``-ed or unpickled.
+  depends on it. Nothing is ever ``eval``-ed or unpickled (the 2014 Python-literal lines go
+  through ``ast.literal_eval``, which reads literals only).
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import html
@@ -47,6 +49,7 @@ __all__ = [
     "Split",
     "item_text",
     "load_movielens_100k",
+    "load_amazon_2014",
     "load_amazon_2018",
     "load_amazon_2023",
     "load_csv",
@@ -223,8 +226,24 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
-def _json_lines(path: Path, what: str) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line_number, object)`` for each non-empty line of a JSON-lines file."""
+def _python_literal(line: str, path: Path, lineno: int, what: str):
+    """One Amazon 2014 line: a Python dict literal, read by ``ast.literal_eval`` (literals
+    only: a name, call or attribute, e.g. ``__import__('os')``, is refused, never run)."""
+    try:
+        return ast.literal_eval(line)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        why = " ".join(str(e).split())[:80] or type(e).__name__
+        raise RecDataError(
+            f"{path}:{lineno}: not a JSON object or Python dict literal in {what} file ({why}); "
+            "each line must be one record of literals (strings, numbers, lists, dicts, "
+            "True/False/None)"
+        ) from None
+
+
+def _json_lines(path: Path, what: str, *, literals: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yields ``(line_number, object)`` for each non-empty line of a JSON-lines file.
+
+    With `literals`, a line that is not JSON is read as a Python literal (Amazon 2014)."""
     try:
         with _open_text(path) as f:
             for lineno, line in enumerate(f, 1):
@@ -234,16 +253,19 @@ def _json_lines(path: Path, what: str) -> Iterator[tuple[int, dict]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    if line.startswith("{'"):
+                    if literals:
+                        obj = _python_literal(line, path, lineno, what)
+                    elif line.startswith("{'"):
                         raise RecDataError(
                             f"{path}:{lineno}: this {what} file is in the 2014 'loose JSON' "
-                            "format (Python dict literals), which is not supported; use the "
-                            "2018/2023 JSON-lines files or convert each line to strict JSON"
+                            "format (Python dict literals); use rec.dataset=amazon-2014 (or "
+                            "load_amazon_2014) for it"
                         ) from None
-                    raise RecDataError(
-                        f"{path}:{lineno}: invalid JSON in {what} file ({e.msg}); "
-                        "expected one JSON object per line"
-                    ) from None
+                    else:
+                        raise RecDataError(
+                            f"{path}:{lineno}: invalid JSON in {what} file ({e.msg}); "
+                            "expected one JSON object per line"
+                        ) from None
                 if not isinstance(obj, dict):
                     raise RecDataError(
                         f"{path}:{lineno}: expected a JSON object per line in {what} file, "
@@ -475,10 +497,10 @@ def load_movielens_100k(
 
 
 def _read_interactions_jsonl(
-    path: Path, user_key: str, item_key: str, time_key: str, what: str
+    path: Path, user_key: str, item_key: str, time_key: str, what: str, *, literals=False
 ) -> tuple[list[str], list[str], list[float]]:
     users, items, times = [], [], []
-    for lineno, obj in _json_lines(path, what):
+    for lineno, obj in _json_lines(path, what, literals=literals):
         _require(obj, (user_key, item_key, time_key), path, lineno, what)
         users.append(str(obj[user_key]))
         items.append(str(obj[item_key]))
@@ -495,8 +517,8 @@ def load_amazon_2018(
     resolution, so ties are common and keep file order). Metadata: JSON lines with ``asin``,
     ``title``, ``description`` (list or string), ``category`` (list); HTML is removed. Both
     may be gzip-compressed (``.json.gz``). Only metadata of reviewed items is kept; reviewed
-    items without metadata get an empty title. The 2014 "loose JSON" files (Python dict
-    literals) are rejected: reading them would need ``eval``.
+    items without metadata get an empty title. The 2014 files (Python dict literals) are
+    :func:`load_amazon_2014`'s.
 
     Args:
       reviews_path: the reviews file (e.g. ``Movies_and_TV.json.gz`` or a 5-core file).
@@ -527,6 +549,62 @@ def load_amazon_2018(
             description=_clean(obj.get("description")),
             categories=_categories(obj.get("category")),
             extra=extra or None,
+        )
+    return _assemble(name, cols, meta, reviews)
+
+
+def _flat_categories(value) -> tuple[str, ...]:
+    """Amazon 2014 ``categories``: a list of category paths (lists), flattened in order."""
+    if isinstance(value, list | tuple) and all(isinstance(v, list | tuple) for v in value):
+        value = [c for path in value for c in path]
+    return _categories(value)
+
+
+def load_amazon_2014(
+    reviews_path: str | os.PathLike, meta_path: str | os.PathLike, *, name: str = "amazon-2014"
+) -> RecDataset:
+    """Loads an Amazon Reviews 2014 category (J. McAuley et al.; the Beauty, Sports and Toys
+    sets of TIGER, P5 and LC-Rec; unfiltered).
+
+    Reviews (``reviews_Beauty_5.json.gz``): one record a line with ``reviewerID``, ``asin``,
+    ``unixReviewTime``. Metadata (``meta_Beauty.json.gz``): ``asin``, ``title``,
+    ``description``, ``categories`` (a list of category paths), ``brand``. Lines are strict
+    JSON or, as the 2014 files mostly are, Python dict literals (single quotes,
+    ``True``/``None``), read with ``ast.literal_eval``, which accepts literals only: nothing
+    in a file is ever run. Either file may be gzip-compressed.
+
+    Args:
+      reviews_path: the reviews file.
+      meta_path: the metadata file.
+      name: dataset name to record.
+
+    Returns:
+      The unfiltered dataset; apply :func:`filter_dataset` next.
+
+    Raises:
+      RecFileNotFoundError: a file is missing.
+      RecDataError: a line that is neither a JSON object nor a dict literal (a call such as
+        ``__import__('os')`` included), or lacks a needed key; one line naming file:line.
+    """
+    reviews = _check_file(reviews_path, "Amazon 2014 reviews")
+    meta_file = _check_file(meta_path, "Amazon 2014 metadata")
+    cols = _read_interactions_jsonl(
+        reviews, "reviewerID", "asin", "unixReviewTime", "reviews", literals=True
+    )
+    wanted = set(cols[1])
+    meta: dict[str, Item] = {}
+    for lineno, obj in _json_lines(meta_file, "metadata", literals=True):
+        _require(obj, ("asin",), meta_file, lineno, "metadata")
+        asin = str(obj["asin"])
+        if asin not in wanted or asin in meta:
+            continue
+        brand = _clean(obj.get("brand"))
+        meta[asin] = Item(
+            item_id=asin,
+            title=_clean(obj.get("title")),
+            description=_clean(obj.get("description")),
+            categories=_flat_categories(obj.get("categories")),
+            extra={"brand": brand} if brand else None,
         )
     return _assemble(name, cols, meta, reviews)
 

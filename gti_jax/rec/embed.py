@@ -9,8 +9,6 @@ fixed batch size, so jit compiles one program per bucket, a handful in all.
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gti_jax.progress import batches
 
 __all__ = ["item_embeddings"]
 
@@ -68,7 +68,7 @@ def item_embeddings(
         texts: ``N`` item texts (e.g. :func:`gti_jax.rec.data.item_text`).
         batch_size: texts per forward pass (the last batch is padded with dummy rows).
         max_len: texts are cut to this many tokens.
-        verbose: print progress (items/s) to stderr.
+        verbose: print progress with an ETA to stderr (:func:`gti_jax.progress.progress`).
 
     Returns:
         ``[N, D]`` float32 embeddings, row ``i`` for ``texts[i]``; deterministic.
@@ -99,10 +99,7 @@ def item_embeddings(
         return jnp.sum(h.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
     out: np.ndarray | None = None
-    start = time.perf_counter()
-    next_report = 0.1
-    done = 0
-    for lo in range(0, n, batch_size):
+    for lo in batches(n, batch_size, desc="item embeddings", enabled=verbose):
         rows = order[lo : lo + batch_size]
         t = _bucket(max(len(ids[i]) for i in rows), max_len)
         tokens = np.zeros((batch_size, t), np.int32)
@@ -115,11 +112,6 @@ def item_embeddings(
         if out is None:
             out = np.zeros((n, vec.shape[1]), np.float32)
         out[rows] = vec[: len(rows)]
-        done += len(rows)
-        if verbose and (done / n >= next_report or done == n):
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            print(f"item embeddings: {done}/{n} items, {rate:.1f} items/s", file=sys.stderr)
-            next_report = done / n + 0.1
     assert out is not None
     if not np.all(np.isfinite(out)):
         raise ValueError("item embeddings contain NaN or inf; check the model's weights")

@@ -76,7 +76,12 @@ _FORMAT_VERSION = 1
 _DEFAULT_MAX_LEN = 128  # data.max_len's default, for a bare RecConfig
 _PREFIX_ROOM = 8  # tokens a sequence row keeps for rec.sequence_prefix and special tokens
 _KS = (5, 10, 20, 50, 100)  # the paper's cut-offs
-_ACTIONS = {"movielens-100k": "watched", "amazon-2018": "purchased", "amazon-2023": "purchased"}
+_ACTIONS = {
+    "movielens-100k": "watched",
+    "amazon-2014": "purchased",
+    "amazon-2018": "purchased",
+    "amazon-2023": "purchased",
+}
 
 
 class PrepareError(BadInput):
@@ -139,6 +144,10 @@ def _recorded_config(
         npy = Path(rec.embeddings).expanduser()
         d["embeddings"] = str(npy.resolve())
         out["embeddings_sha256"] = _sha256(npy) if npy.is_file() else None
+    if rec.semantic_ids_file:
+        ids = Path(rec.semantic_ids_file).expanduser()
+        d["semantic_ids_file"] = str(ids.resolve())
+        out["semantic_ids_sha256"] = _sha256(ids) if ids.is_file() else None
     return out
 
 
@@ -229,6 +238,8 @@ def _load(rec: RecConfig) -> rd.RecDataset:
     p = {k: Path(v).expanduser() for k, v in rec.paths.items()}
     if rec.dataset == "movielens-100k":
         return rd.load_movielens_100k(p.get("dir"))
+    if rec.dataset == "amazon-2014":
+        return rd.load_amazon_2014(p["reviews"], p["meta"])
     if rec.dataset == "amazon-2018":
         return rd.load_amazon_2018(p["reviews"], p["meta"])
     if rec.dataset == "amazon-2023":
@@ -265,6 +276,8 @@ def _sequence_items(rec: RecConfig, max_len: int, levels: int) -> int:
 
 
 def _semantic_ids(x: np.ndarray, rec: RecConfig, seed: int) -> sem.SemanticIds:
+    if rec.semantic_ids_file:
+        raise AssertionError("imported semantic IDs are read before the embeddings")
     if rec.semantic_ids == "rq_kmeans":
         return sem.rq_kmeans(x, num_levels=rec.levels, codebook_size=rec.codebook_size, key=seed)
     return sem.rq_vae(
@@ -359,6 +372,10 @@ def prepare(
 
     t0 = time.perf_counter()
     raw, ds, split = _load_split(rec)
+    imported = None  # read and checked before the embeddings: a bad map fails fast
+    if rec.semantic_ids_file:
+        ids_file = Path(rec.semantic_ids_file).expanduser()
+        imported = sem.import_semantic_ids(ids_file, [it.item_id for it in ds.items])
     times["load"] = time.perf_counter() - t0
     _log(
         verbose,
@@ -369,7 +386,7 @@ def prepare(
     x = _embeddings(rec, ds, model, tokenizer, model_name, verbose)
     times["embeddings"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sids = _semantic_ids(x, rec, seed)
+    sids = imported if imported is not None else _semantic_ids(x, rec, seed)
     times["semantic_ids"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -400,7 +417,7 @@ def _load_split(rec: RecConfig) -> tuple[rd.RecDataset, rd.RecDataset, rd.Split]
             f"no user of {raw.name} has >= 3 interactions after filtering "
             f"(min_interactions={rec.min_interactions}); lower rec.min_interactions"
         )
-    if rec.codebook_size > ds.num_items:
+    if rec.codebook_size > ds.num_items and not rec.semantic_ids_file:
         raise PrepareError(
             f"rec.codebook_size={rec.codebook_size} exceeds the {ds.num_items} items left "
             f"after filtering; set rec.codebook_size <= {ds.num_items}"
@@ -494,7 +511,7 @@ def _stats(recorded, rec, data, sids, x, paths, new_tokens) -> dict[str, Any]:
             "dim": int(x.shape[1]),
         },
         "semantic_ids": {
-            "method": rec.semantic_ids,
+            "method": "imported" if rec.semantic_ids_file else rec.semantic_ids,
             "quantizer_levels": rec.levels,
             "levels": sids.num_levels,
             "extra_level": bool(sid_stats.get("extra_level", False)),

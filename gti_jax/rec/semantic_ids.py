@@ -33,10 +33,13 @@ import numpy as np
 import optax
 
 from gti_jax.io.atomic import atomic_dir
+from gti_jax.rec.codes import LEVEL_LETTERS, parse_code_token
+from gti_jax.rec.data import RecDataError
 
 __all__ = [
     "SemanticIds",
     "collision_stats",
+    "import_semantic_ids",
     "item_embeddings_from_npy",
     "kmeans",
     "kmeans_plus_plus",
@@ -1031,6 +1034,105 @@ def load_semantic_ids(path_dir: str | os.PathLike) -> SemanticIds:
     codes = np.load(src / "codes.npy", allow_pickle=False)
     books = tuple(np.load(src / n, allow_pickle=False) for n in names[1:])
     return SemanticIds(codes, books, sizes, dict(meta.get("stats", {})))
+
+
+def _read_id_map(path: Path) -> dict[str, list[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecDataError(f"{path}: no such semantic-IDs file; check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecDataError(f"{path}: not a JSON file ({e}); expected {{item: [tokens]}}") from None
+    if not isinstance(data, dict) or not data:
+        raise RecDataError(
+            f"{path}: expected a non-empty JSON object {{item: [code tokens]}}, e.g. "
+            '{"0": ["<a_12>", "<b_3>", "<c_200>"]}'
+        )
+    for key, toks in data.items():
+        if not isinstance(toks, list) or not all(isinstance(t, str) for t in toks) or not toks:
+            raise RecDataError(
+                f"{path}: item {key!r} maps to {toks!r}; each item needs a non-empty list of "
+                'code tokens such as ["<a_12>", "<b_3>"]'
+            )
+    return data
+
+
+def _codes_of(path: Path, key: str, toks: list[str]) -> list[int]:
+    row = []
+    for level, tok in enumerate(toks):
+        parsed = parse_code_token(tok)
+        if parsed is None or parsed[0] != level:
+            want = f"<{LEVEL_LETTERS[level]}_N>" if level < len(LEVEL_LETTERS) else "?"
+            raise RecDataError(
+                f"{path}: item {key!r}: token {level + 1} is {tok!r}, expected {want} (level "
+                f"{level + 1} of the <a_N><b_N>... format)"
+            )
+        row.append(parsed[1])
+    return row
+
+
+def import_semantic_ids(path: str | os.PathLike, item_ids: Sequence[str]) -> SemanticIds:
+    """Semantic IDs read from a JSON map item -> code tokens, e.g. LC-Rec's ``.index.json``
+    (``{"0": ["<a_12>", "<b_3>", "<c_200>"], ...}``), instead of computing them.
+
+    An item is looked up by its id (``item_ids[i]``, e.g. an ASIN); when no key of the map is
+    an item id, the keys are taken as item indices in `item_ids`' order (LC-Rec numbers its
+    items so; the same order only if its filtering kept the same items in the same order).
+    Keys of items not in `item_ids` are ignored (filtering drops items). Tokens are
+    :mod:`gti_jax.rec.codes`' ``<a_N><b_N>...``, one per level in level order. Collisions
+    (two items with the same tokens) are refused, not resolved: the ID would not name one
+    item, and resolving them would change IDs the importer wants kept.
+
+    Args:
+      path: the JSON file.
+      item_ids: the dataset's item ids, in item-index order.
+
+    Returns:
+      :class:`SemanticIds` with no codebooks (codebook sizes: the largest code + 1 per level).
+
+    Raises:
+      RecDataError: one line: not a JSON map, a malformed token, an item not covered, IDs of
+        different lengths, or two items sharing an ID.
+
+    >>> import json, tempfile
+    >>> p = tempfile.mkdtemp() + "/ids.json"
+    >>> _ = open(p, "w").write(json.dumps({"0": ["<a_1>", "<b_0>"], "1": ["<a_0>", "<b_2>"]}))
+    >>> import_semantic_ids(p, ["x", "y"]).codes.tolist()
+    [[1, 0], [0, 2]]
+    """
+    src = Path(path)
+    data = _read_id_map(src)
+    by_id = any(str(i) in data for i in item_ids)
+    keys = [str(i) for i in item_ids] if by_id else [str(i) for i in range(len(item_ids))]
+    missing = [k for k in keys if k not in data]
+    if missing:
+        what = "ids" if by_id else "indices (no key is an item id)"
+        raise RecDataError(
+            f"{src}: {len(missing)} of {len(keys)} items have no semantic ID (item {what} "
+            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the map must "
+            "cover every item left after filtering"
+        )
+    rows = [_codes_of(src, k, data[k]) for k in keys]
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        odd = next(k for k, r in zip(keys, rows, strict=True) if len(r) != len(rows[0]))
+        raise RecDataError(
+            f"{src}: semantic IDs have different lengths ({lengths}; item {keys[0]!r} has "
+            f"{len(rows[0])}, item {odd!r} {len(data[odd])}); every item needs one token per level"
+        )
+    seen: dict[tuple[int, ...], str] = {}
+    for k, r in zip(keys, rows, strict=True):
+        first = seen.setdefault(tuple(r), k)
+        if first != k:
+            raise RecDataError(
+                f"{src}: items {first!r} and {k!r} share the semantic ID {''.join(data[k])}; "
+                "IDs must be unique (add a disambiguation level to the map)"
+            )
+    codes = np.asarray(rows, np.int64)
+    sizes = tuple(int(c) + 1 for c in codes.max(axis=0))
+    stats = collision_stats(codes, sizes)
+    stats.update(imported_from=str(src), resolution=None, extra_level=False)
+    return SemanticIds(codes, (), sizes, stats)
 
 
 def item_embeddings_from_npy(path: str | os.PathLike, num_items: int) -> np.ndarray:

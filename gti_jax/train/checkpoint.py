@@ -66,9 +66,16 @@ __all__ = [
     "Checkpointer",
     "NoVerifiedCheckpointError",
     "RowsFileNotFoundError",
+    "HEAD_ROWS_FILE",
+    "ROWS_FILE",
+    "checked_rows",
     "load_rows",
     "save_rows",
 ]
+
+#: The grounded rows a run writes (embedding), and beside it the head's (untied models).
+ROWS_FILE = "grounded_rows.safetensors"
+HEAD_ROWS_FILE = "grounded_head_rows.safetensors"
 
 _STATE = "state"
 _META = "meta"
@@ -530,6 +537,13 @@ class Checkpointer:
         )
         return dict(restored[_META] or {})
 
+    def delete(self, step: int) -> None:
+        """Deletes the checkpoint of `step` (after any save in flight); a missing one is
+        ignored. For checkpoints whose retention the caller decides (the best checkpoint)."""
+        self.wait()
+        if step in self._manager.all_steps():
+            self._manager.delete(step)
+
     def wait(self) -> None:
         """Blocks until every save started by this process is complete on disk and sealed."""
         self._manager.wait_until_finished()
@@ -632,3 +646,57 @@ def load_rows(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]
         raise CheckpointError(f"{path} is not a readable safetensors file: {msg}") from None
     header.pop("format")
     return rows, {k: json.loads(v) for k, v in header.items()}
+
+
+def checked_rows(
+    path: str | os.PathLike[str], token_ids: Mapping[str, int], dim: int
+) -> tuple[list[int], np.ndarray]:
+    """The rows of a grounded-rows file and the ids they go to, checked against a tokenizer.
+
+    The file records its tokens and the ids they had (``tokens``, ``new_ids``); each token
+    must have the same id in `token_ids` (the tokenizer the rows are applied with), so rows
+    never land on another token's row, and the rows must be ``[len(tokens), dim]``.
+
+    Args:
+      path: a file written by :func:`save_rows` with the trainer's meta.
+      token_ids: token -> id in the target tokenizer (after its extension).
+      dim: the target model's embedding width.
+
+    Returns:
+      ``(ids, rows)``: the target ids and the ``[N, dim]`` rows, in the file's order.
+
+    Raises:
+      CheckpointError: one line: no token list, a token missing or at another id, a shape
+        that does not fit.
+
+    Example:
+      >>> import os, tempfile, numpy as np
+      >>> p = os.path.join(tempfile.mkdtemp(), "rows.safetensors")
+      >>> save_rows(p, np.ones((2, 4), np.float32), {"tokens": ["<x>", "<y>"], "new_ids": [5, 7]})
+      >>> checked_rows(p, {"<x>": 5, "<y>": 6}, 4)[0]
+      [5, 6]
+    """
+    rows, meta = load_rows(path)
+    tokens, span = meta.get("tokens"), meta.get("new_ids")
+    if not isinstance(tokens, list) or not isinstance(span, list) or len(span) != 2:
+        raise CheckpointError(
+            f"{path}: the rows file does not record its tokens and ids (meta 'tokens', "
+            "'new_ids'); use a grounded_rows.safetensors written by the trainer"
+        )
+    if rows.shape != (len(tokens), dim):
+        raise CheckpointError(
+            f"{path}: rows are {list(rows.shape)}, expected [{len(tokens)}, {dim}] (one row of "
+            f"the model's width per token); the file belongs to another model"
+        )
+    ids = []
+    for i, tok in enumerate(tokens):
+        want = int(span[0]) + i
+        got = token_ids.get(tok)
+        if got != want:
+            here = "is not in the tokenizer" if got is None else f"has id {got} here"
+            raise CheckpointError(
+                f"{path}: token {tok!r} {here} but id {want} in the file; apply the rows to "
+                "the model they were grounded for, extended with the same tokens in order"
+            )
+        ids.append(want)
+    return ids, rows

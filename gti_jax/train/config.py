@@ -52,6 +52,7 @@ __all__ = [
     "SFTConfig",
     "TrainConfig",
     "WandbConfig",
+    "best_metric_mode",
     "check_train",
     "config_help",
     "config_to_dict",
@@ -102,6 +103,10 @@ class DataConfig:
 
     eval: str | None = None
     """Held-out prompts for evaluation (JSONL {"prompt", "completion"}); null skips evaluation."""
+
+    valid: str | None = None
+    """Validation prompts for eval.every (same format as data.eval); the pipeline sets it to
+    the prepared valid.jsonl. null: no validation during training."""
 
     candidates: str | None = None
     """Valid completions for constrained beam search (.txt one a line, or JSONL
@@ -192,6 +197,10 @@ class SFTConfig:
     compute_dtype: DType = "float32"
     """Dtype of the matmuls; parameters and optimizer state stay float32."""
 
+    early_stop_patience: int = 0
+    """Stop fine-tuning after this many validations in a row (eval.every) that do not improve
+    checkpoint.best_metric; 0: never stop early."""
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -224,6 +233,18 @@ class EvalConfig:
     """Every N fine-tuning steps, rank data.eval's examples (as at the end: beam search,
     Recall@K / NDCG@K) and append a row to run_dir/curve.jsonl with the targets seen and the
     training wall time: a learning curve. 0: off. The time it takes is not training time."""
+
+    every: int = 0
+    """Every N fine-tuning steps (and at the last), validate on data.valid: loss, and
+    Recall@K / NDCG@K by constrained beam search; rows {"stage": "valid", ...} in
+    metrics.jsonl. 0: off."""
+
+    valid_examples: int | None = 200
+    """Validate on a fixed random sample (seeded by seed) of this many data.valid examples;
+    null: all of them."""
+
+    use_best: bool = False
+    """Evaluate and export the best checkpoint (checkpoint.best) instead of the last step."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +279,14 @@ class CheckpointConfig:
     dir: str | None = None
     """Checkpoint directory (local or a bucket path such as gs://...); null:
     <run_dir>/checkpoints."""
+
+    best: bool = False
+    """Keep the best fine-tuned state by best_metric (validated every eval.every steps) in
+    <checkpoint dir>/best, which checkpoint.keep never deletes."""
+
+    best_metric: str = "valid_loss"
+    """What "best" means: valid_loss (lower is better), or recall@K / ndcg@K with K in
+    eval.k (higher is better). Also what sft.early_stop_patience watches."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +389,11 @@ class TrainConfig:
 
     init_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)
     """Extra arguments of the initializer, e.g. {std: 0.02} or {scale: 1e-3}."""
+
+    init_rows: str | None = None
+    """A grounded_rows.safetensors of an earlier run: its rows replace the initialized rows
+    of its tokens (which must get the ids the file records; an untied head's rows come from
+    grounded_head_rows.safetensors beside it). null: init alone."""
 
     pad_to_multiple_of: int = 64
     """Pad the embedding table's row count to a multiple of this (1: no padding)."""
@@ -471,6 +505,8 @@ def _check_eval(ev: EvalConfig) -> None:
     at_least("eval.batch_size", ev.batch_size, 1)
     at_least("eval.beam_batch_size", ev.beam_batch_size, 1)
     at_least("eval.curve_every", ev.curve_every, 0)
+    at_least("eval.every", ev.every, 0)
+    at_least("eval.valid_examples", ev.valid_examples, 1)
 
 
 def _check_mesh(mesh: MeshConfig) -> None:
@@ -515,7 +551,7 @@ def _check_hosts(ckpt: CheckpointConfig, dist: DistributedConfig) -> None:
 
 def _check_data(data: DataConfig, sft: SFTConfig) -> None:
     if data.tokens is None:
-        for name in ("pairs", "sft", "eval", "candidates"):
+        for name in ("pairs", "sft", "eval", "valid", "candidates"):
             check(
                 getattr(data, name) is None,
                 f"data.{name} is set but data.tokens is not: set data.tokens too, or leave "
@@ -529,8 +565,56 @@ def _check_data(data: DataConfig, sft: SFTConfig) -> None:
         f"sft.steps={sft.steps} needs data.sft (task prompts); set data.sft=FILE or sft.steps=0",
     )
     check(
-        data.candidates is None or data.eval is not None,
+        data.candidates is None or data.eval is not None or data.valid is not None,
         "data.candidates is set but data.eval is not; set data.eval=FILE too",
+    )
+
+
+def best_metric_mode(name: str, ks: Sequence[int]) -> tuple[str, str]:
+    """``(metric, mode)`` of a ``checkpoint.best_metric``: the key of a validation row and
+    whether lower (``min``) or higher (``max``) is better.
+
+    >>> best_metric_mode("recall@10", (5, 10)), best_metric_mode("valid_loss", (5,))
+    (('recall@10', 'max'), ('loss', 'min'))
+    """
+    metric = name.removeprefix("valid_")
+    if metric == "loss":
+        return metric, "min"
+    kind, _, k = metric.partition("@")
+    check(
+        kind in ("recall", "ndcg") and k.isdigit() and int(k) in ks,
+        f"checkpoint.best_metric={name!r} must be valid_loss, recall@K or ndcg@K with K in "
+        f"eval.k ({', '.join(map(str, ks))})",
+    )
+    return metric, "max"
+
+
+def _check_validation(cfg: TrainConfig) -> None:
+    ev, ck, sft = cfg.eval, cfg.checkpoint, cfg.sft
+    at_least("sft.early_stop_patience", sft.early_stop_patience, 0)
+    best_metric_mode(ck.best_metric, ev.k)
+    needs = [
+        key
+        for key, on in (
+            ("checkpoint.best", ck.best),
+            ("eval.use_best", ev.use_best),
+            ("sft.early_stop_patience", sft.early_stop_patience > 0),
+        )
+        if on
+    ]
+    check(
+        not needs or ev.every > 0,
+        f"{needs[0] if needs else ''} needs validation: set eval.every=N (and data.valid)",
+    )
+    check(not ev.use_best or ck.best, "eval.use_best needs checkpoint.best=true")
+    check(
+        ev.every == 0 or cfg.data.tokens is None or cfg.data.valid is not None,
+        f"eval.every={ev.every} needs data.valid (validation prompts); set data.valid=FILE "
+        "or eval.every=0",
+    )
+    check(
+        ev.every == 0 or sft.steps > 0,
+        "eval.every validates during fine-tuning; set sft.steps > 0 or eval.every=0",
     )
 
 
@@ -539,6 +623,7 @@ def check_train(cfg: TrainConfig) -> None:
     _check_top(cfg)
     _check_stages(cfg.ground, cfg.sft)
     _check_eval(cfg.eval)
+    _check_validation(cfg)
     _check_mesh(cfg.mesh)
     _check_hosts(cfg.checkpoint, cfg.distributed)
     _check_data(cfg.data, cfg.sft)

@@ -6,6 +6,10 @@ Files (user-facing formats, see the README):
   or one ``{"segments": [{"text": "...", "loss": false}, {"text": "...", "loss": true}, ...]}``
   a line (a sequence row: the texts are concatenated as they are, no chat template, and the
   loss is on the segments flagged ``true``; one forward pass trains every flagged segment);
+* or one ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant",
+  "content": "..."}, ...]}`` a line (a chat row: rendered whole with the tokenizer's chat
+  template, the loss on every assistant turn's content and its end-of-turn token; evaluation
+  asks for the last assistant turn);
 * candidates (valid completions for constrained decoding): ``.txt`` with one completion a line,
   or JSONL with one ``{"completion": "..."}`` a line.
 
@@ -80,11 +84,14 @@ class Example(NamedTuple):
         segments: for a sequence row (:func:`segment_example`), its ``(text, loss)`` pairs;
             then `prompt` is the text of every segment but the last and `completion` the last
             one (what evaluation asks the model to produce). None for a prompt/completion row.
+        messages: for a chat row, its ``(role, content)`` turns, the last one the
+            assistant's; then `prompt` is the turn before it and `completion` its content.
     """
 
     prompt: str
     completion: str
     segments: tuple[tuple[str, bool], ...] | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
     @property
     def num_targets(self) -> int:
@@ -190,11 +197,35 @@ def _segment_row(obj: dict[str, Any], where: str) -> Example:
     return segment_example(out)
 
 
+def _messages_row(obj: dict[str, Any], where: str) -> Example:
+    fix = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}'
+    extra = sorted(set(obj) - {"messages"})
+    if extra:
+        raise DataError(f'{where}: a chat row has only "messages", got also {", ".join(extra)}')
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or len(msgs) < 2:
+        raise DataError(f'{where}: "messages" must list at least two turns; write {fix}')
+    turns = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise DataError(f'{where}: message {i + 1} must have exactly "role" and "content"')
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise DataError(f'{where}: message {i + 1}: "role" and "content" must be strings')
+        turns.append((m["role"], m["content"]))
+    if turns[-1][0] != "assistant" or not turns[-1][1]:
+        raise DataError(
+            f"{where}: the last message must be a non-empty assistant turn (what is learned and "
+            "what evaluation asks for)"
+        )
+    return Example(turns[-2][1], turns[-1][1], messages=tuple(turns))
+
+
 def read_examples(path: str | os.PathLike[str]) -> list[Example]:
     """Reads a JSONL file of prompt/completion or sequence rows (blank lines skipped).
 
-    A line is ``{"prompt": ..., "completion": ...}``, or ``{"segments": [{"text": ...,
-    "loss": ...}, ...]}`` with at least one ``"loss": true`` (:func:`segment_example`).
+    A line is ``{"prompt": ..., "completion": ...}``, ``{"segments": [{"text": ...,
+    "loss": ...}, ...]}`` with at least one ``"loss": true`` (:func:`segment_example`), or
+    ``{"messages": [{"role": ..., "content": ...}, ...]}`` ending with an assistant turn.
 
     Args:
         path: the file.
@@ -212,7 +243,7 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "pairs.jsonl"
         >>> _ = p.write_text('{"prompt": "Capital of France?", "completion": "<paris>"}\\n')
         >>> read_examples(p)
-        [Example(prompt='Capital of France?', completion='<paris>', segments=None)]
+        [Example(prompt='Capital of France?', completion='<paris>', segments=None, messages=None)]
         >>> _ = p.write_text('{"segments": [{"text": "Seen:", "loss": false}, '
         ...                  '{"text": "<a_1>", "loss": false}, {"text": "<a_2>", "loss": true}]}\\n')
         >>> read_examples(p)[0].completion, read_examples(p)[0].num_targets
@@ -228,6 +259,9 @@ def read_examples(path: str | os.PathLike[str]) -> list[Example]:
         where = f"{path}:{lineno}"
         if "segments" in obj:
             out.append(_segment_row(obj, where))
+            continue
+        if "messages" in obj:
+            out.append(_messages_row(obj, where))
             continue
         prompt = _string_field(obj, "prompt", where)
         completion = _string_field(obj, "completion", where)
@@ -430,6 +464,13 @@ def encode_eval_prompt(
     but the last, concatenated as in training (no chat template), so evaluation asks for the
     next segment in the form the model was trained on.
     """
+    if ex.messages is not None:
+        _need_template(tokenizer, chat_template, "an eval row")
+        text = tokenizer.apply_chat_template(
+            _turns(ex.messages[:-1]), tokenize=False, add_generation_prompt=True
+        )
+        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+        return ids[max(0, len(ids) - max_len) :] if max_len is not None else ids
     if ex.segments is None:
         return encode_prompt(
             tokenizer, ex.prompt, chat_template=chat_template, system=system, max_len=max_len
@@ -440,6 +481,65 @@ def encode_eval_prompt(
     if max_len is not None and len(ids) > max_len:
         ids = ids[len(ids) - max_len :]
     return ids
+
+
+def _turns(messages) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in messages]
+
+
+def _need_template(tokenizer: Any, chat_template: bool, where: str) -> None:
+    if not _use_template(tokenizer, chat_template):
+        raise DataError(
+            f"{where}: a chat row (messages) is rendered with the tokenizer's chat template; "
+            "set data.chat_template=true and use a tokenizer that has one, or write "
+            "prompt/completion rows"
+        )
+
+
+def _message_pieces(tokenizer: Any, messages, end_text: str, where: str):
+    """``(text, loss)`` pieces of a rendered chat row: each assistant turn's content and the
+    end-of-turn token right after it are loss pieces; everything before is context (so a
+    user + assistant row encodes exactly as the prompt/completion row it is).
+
+    Each assistant turn is found where the template puts it: right after the rendering of
+    the turns before it with the generation prompt (what evaluation and inference feed)."""
+    full = tokenizer.apply_chat_template(_turns(messages), tokenize=False)
+    pieces, pos = [], 0
+    for i, (role, content) in enumerate(messages):
+        if role != "assistant":
+            continue
+        head = tokenizer.apply_chat_template(
+            _turns(messages[:i]), tokenize=False, add_generation_prompt=True
+        )
+        start = len(head)
+        if start < pos or not full.startswith(head) or not full.startswith(content, start):
+            raise DataError(
+                f"{where}: the chat template does not render assistant turn {i + 1} right "
+                "after the turns before it (a template that rewrites earlier turns); write "
+                "one assistant turn per row, or prompt/completion rows"
+            )
+        pieces += [(full[pos:start], False), (content, True)]
+        pos = start + len(content)
+        if end_text and full.startswith(end_text, pos):
+            pieces.append((None, True))  # the end-of-turn token: learned, to stop
+            pos += len(end_text)
+    return pieces  # what follows the last assistant turn is never attended to: left out
+
+
+def _encode_messages(tokenizer: Any, ex: Example, *, max_len: int, end_id: int, where: str):
+    end_text = tokenizer.convert_ids_to_tokens(end_id)
+    ids: list[int] = []
+    mask: list[float] = []
+    for text, loss in _message_pieces(tokenizer, ex.messages, end_text, where):
+        part = [end_id] if text is None else tokenizer.encode(text, add_special_tokens=False)
+        ids += part
+        mask += [1.0 if loss else 0.0] * len(part)
+    if len(ids) > max_len:
+        raise DataError(
+            f"{where}: the chat row has {len(ids)} tokens, more than max_len {max_len}; raise "
+            f"data.max_len to at least {len(ids)} or shorten the conversation"
+        )
+    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
 
 def _encode(
@@ -455,6 +555,9 @@ def _encode(
 ) -> Encoded:
     if ex.segments is not None:
         return _encode_segments(tokenizer, ex.segments, max_len=max_len, prefix=prefix, where=where)
+    if ex.messages is not None:
+        _need_template(tokenizer, chat_template, where)
+        return _encode_messages(tokenizer, ex, max_len=max_len, end_id=end_id, where=where)
     prompt = encode_prompt(tokenizer, ex.prompt, chat_template=chat_template, system=system)
     completion = tokenizer.encode(ex.completion, add_special_tokens=False) + [end_id]
     n_c = len(completion)

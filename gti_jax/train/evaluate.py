@@ -33,6 +33,7 @@ from flax import nnx
 
 from gti_jax.metrics import popularity_baseline, retrieval_metrics, valid_rate
 from gti_jax.models.decode import TrieConstraint, beam_search, generate
+from gti_jax.progress import batches, progress
 from gti_jax.train.data import (
     Batch,
     Batcher,
@@ -169,6 +170,10 @@ class Evaluator:
         last point); ``results["retrieval_from"]`` then names `source`."""
         self._remembered = (dict(metrics), list(ranks), source)
 
+    def forget_retrieval(self) -> None:
+        """Drops a ranking kept by :meth:`remember_retrieval` (the model changed since)."""
+        self._remembered = None
+
     def _loss_fn(self, graphdef):
         if graphdef not in self._loss_fns:
 
@@ -186,7 +191,7 @@ class Evaluator:
         graphdef, state = nnx.split(model)
         fn = self._loss_fn(graphdef)
         loss_sum, count = 0.0, 0.0
-        for i in range(0, len(enc), bs):
+        for i in batches(len(enc), bs, desc="eval loss"):
             chunk = enc[i : i + bs]
             t = buckets.bucket_for(max(len(ids) for ids, _ in chunk))
             ids = np.zeros((bs, t), np.int32)
@@ -208,7 +213,7 @@ class Evaluator:
             n_new = max(len(w) for w in want)
         else:
             n_new = self.cfg.eval.max_new_tokens
-        for i in range(0, len(self.prompts), bs):
+        for i in batches(len(self.prompts), bs, desc="greedy decoding"):
             out = generate(
                 model,
                 self.prompts[i : i + bs],
@@ -232,7 +237,8 @@ class Evaluator:
         beams = max(self.cfg.eval.beams, 1)
         max_new = max(len(k) for k in self._seqs) + (0 if self.sequence else 1)
         ranked, generated = [], []
-        for i, chunk in _equal_chunks(self.prompts, self.cfg.eval.beam_batch_size):
+        chunks = _equal_chunks(self.prompts, self.cfg.eval.beam_batch_size)
+        for i, chunk in progress(chunks, total=len(chunks), desc="beam search"):
             out = beam_search(
                 model,
                 chunk,

@@ -14,10 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from gti_jax import diagnose
 from gti_jax.errors import BadInput
+from gti_jax.train.checkpoint import HEAD_ROWS_FILE, CheckpointError, checked_rows
 from gti_jax.train.config import TrainConfig
 from gti_jax.train.data import Example, encode_examples, read_candidates, read_examples
 from gti_jax.train.evaluate import Evaluator
@@ -34,6 +36,7 @@ __all__ = [
     "Inputs",
     "MakeData",
     "TrainError",
+    "apply_init_rows",
     "codebook_vectors",
     "given_files",
     "pairs_from_descriptions",
@@ -55,6 +58,7 @@ class DataFiles:
 
     Attributes:
       tokens, pairs, sft, eval, candidates: the ``data.*`` files (None: unset).
+      valid: the validation prompts of ``eval.every`` (``data.valid``; None: unset).
       aux: auxiliary pairs for ``sft.aux_pairs_ratio`` (None: drawn from the pairs).
       semantic_ids: the directory of the tokens' semantic IDs, recorded in
         ``new_tokens.json`` (None: the tokens are not semantic IDs).
@@ -72,6 +76,7 @@ class DataFiles:
     aux: Path | None = None
     semantic_ids: Path | None = None
     codebooks: Any = None
+    valid: Path | None = None
 
 
 #: ``make_data(out_dir, model, tokenizer) -> DataFiles``: writes a run's data files into
@@ -84,7 +89,7 @@ def given_files(cfg: TrainConfig, make_data: MakeData | None) -> DataFiles | Non
     make them."""
     d = cfg.data
     if d.tokens is None:
-        if any(x is not None for x in (d.pairs, d.sft, d.eval, d.candidates)):
+        if any(x is not None for x in (d.pairs, d.sft, d.eval, d.valid, d.candidates)):
             raise TrainError(
                 "data.tokens is unset but other data.* files are set; give data.tokens too, or unset all data.* to use the built-in recommendation data (rec.*)"
             )
@@ -101,10 +106,11 @@ def given_files(cfg: TrainConfig, make_data: MakeData | None) -> DataFiles | Non
         sft=Path(d.sft) if d.sft else None,
         eval=Path(d.eval) if d.eval else None,
         candidates=Path(d.candidates) if d.candidates else None,
+        valid=Path(d.valid) if d.valid else None,
     )
     missing = [
         f"data.{k}={p}"
-        for k in ("tokens", "pairs", "sft", "eval", "candidates")
+        for k in ("tokens", "pairs", "sft", "eval", "valid", "candidates")
         if (p := getattr(files, k)) is not None and not Path(p).is_file()
     ]
     if missing:
@@ -148,6 +154,8 @@ class Inputs:
     sft: list  # encoded fine-tuning examples, auxiliary pairs included ([] without SFT)
     sft_units: list[int]  # the targets each of them trains (the learning curve's x axis)
     evaluator: Any  # the Evaluator of data.eval (its examples encoded, candidates checked)
+    validator: Any = None  # the Evaluator of eval.every's sample of data.valid (None: off)
+    init_rows: dict | None = None  # init_rows: {"embed"/"head": (ids, rows)}, checked
 
 
 def read_inputs(cfg: TrainConfig, files: DataFiles, model, tokenizer) -> Inputs:
@@ -205,6 +213,8 @@ def read_inputs(cfg: TrainConfig, files: DataFiles, model, tokenizer) -> Inputs:
             source=source,
         )
 
+    validator = _validator(cfg, files, tokenizer, candidates, sft_examples)
+    init_rows = _init_rows(cfg, tokenizer, model) if cfg.init_rows else None
     return Inputs(
         files=files,
         entries=entries,
@@ -218,6 +228,74 @@ def read_inputs(cfg: TrainConfig, files: DataFiles, model, tokenizer) -> Inputs:
         evaluator=Evaluator(
             cfg, tokenizer, eval_examples, candidates, sft_examples, num_tokens=len(tokenizer)
         ),
+        validator=validator,
+        init_rows=init_rows,
+    )
+
+
+def _init_rows(cfg: TrainConfig, tokenizer, model) -> dict:
+    """``init_rows``' rows and ids, checked against the extended tokenizer (bad input)."""
+    path = Path(cfg.init_rows)
+    dim = int(model.embed.embedding[...].shape[1])
+    vocab = tokenizer.get_vocab()
+    out = {}
+    try:
+        out["embed"] = checked_rows(path, vocab, dim)
+        head = path.with_name(HEAD_ROWS_FILE)
+        if not model.config.tie_word_embeddings and head.is_file():
+            out["head"] = checked_rows(head, vocab, dim)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise TrainError(f"init_rows={cfg.init_rows}: {e}") from None
+    return out
+
+
+def apply_init_rows(model, init_rows: dict | None):
+    """The model with ``init_rows``' rows in its embedding (and untied head), on the same
+    shardings; returned as it is without them."""
+    if not init_rows:
+        return model
+    params = [("embed", model.embed.embedding, False)]
+    if "head" in init_rows:
+        params.append(("head", model.lm_head.kernel, True))  # [D, V]: a column per token
+    for part, param, columns in params:
+        ids, rows = init_rows[part]
+        table = param[...]
+        ids = np.asarray(ids)
+
+        def put(t, r, ids=ids, columns=columns):
+            return t.at[:, ids].set(r.T) if columns else t.at[ids].set(r)
+
+        value = jax.jit(put, out_shardings=table.sharding)(table, rows.astype(table.dtype))
+        param[...] = value
+    return model
+
+
+def _validator(cfg: TrainConfig, files: DataFiles, tokenizer, candidates, sft_examples):
+    """The Evaluator of ``eval.every``: a fixed sample of ``eval.valid_examples`` rows of
+    ``data.valid`` (seeded by ``seed``, kept in file order), ranked among the same candidates
+    as the final evaluation; None when validation is off.
+
+    Built after the tokenizer is extended (its examples name the new tokens)."""
+    if cfg.eval.every == 0:
+        return None
+    if files.valid is None:
+        raise TrainError(
+            f"eval.every={cfg.eval.every} needs validation prompts: set data.valid=FILE, or "
+            "eval.every=0"
+        )
+    examples = read_examples(files.valid)
+    n = cfg.eval.valid_examples
+    if n is not None and n < len(examples):
+        keep = np.random.default_rng(cfg.seed + 13).choice(len(examples), n, replace=False)
+        examples = [examples[i] for i in sorted(keep)]
+    everything = dataclasses.replace(cfg.eval, max_examples=None)
+    return Evaluator(
+        dataclasses.replace(cfg, eval=everything),
+        tokenizer,
+        examples,
+        candidates,
+        sft_examples,
+        num_tokens=len(tokenizer),
     )
 
 

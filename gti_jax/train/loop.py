@@ -218,6 +218,7 @@ class StageContext:
     latest: int | None  # newest verified checkpoint step
     latest_meta: dict | None  # and its meta (stage, step)
     evaluator: Any = None  # the run's Evaluator (for eval.curve_every)
+    validator: Any = None  # the Evaluator of data.valid's sample (for eval.every), or None
 
     @property
     def writer(self) -> bool:
@@ -244,15 +245,18 @@ def train_loop(
     guard,
     last_saved,
     after_step=None,
+    extra_meta=None,
     train_seconds=0.0,
     cpu_seconds=0.0,
 ):
     """Steps ``start+1 .. total`` of a stage: NaN guard, progress, metrics, checkpoints, stops.
 
     ``after_step(state, step, batcher, train_seconds, cpu_seconds)``, if given, runs after
-    each step (the learning curve); its time is not counted in ``train_seconds`` and
-    ``cpu_seconds``, the stage's training wall time and this process's CPU time so far (in:
-    what a resumed checkpoint recorded), which checkpoints keep in their meta.
+    each step (the learning curve, validation); its time is not counted in ``train_seconds``
+    and ``cpu_seconds``, the stage's training wall time and this process's CPU time so far
+    (in: what a resumed checkpoint recorded), which checkpoints keep in their meta. When it
+    returns True the stage ends after that step (early stopping): its checkpoint is written
+    as the stage's last. ``extra_meta(global_step)``, if given, adds to each checkpoint's meta.
 
     ``step_once(state, batch, step) -> (state, metrics)`` is the stage's compiled step;
     ``tree(state)`` is what a checkpoint holds. Checkpoint steps are global: ``offset + step``.
@@ -291,10 +295,11 @@ def train_loop(
             log.metrics({**row, "grad_norm": gnorm, "tokens_per_s": tps, **guard.row()})
         train_seconds += time.perf_counter() - t_step
         cpu_seconds += time.process_time() - c_step
+        ended = False
         if after_step is not None:
-            after_step(state, step, batcher, train_seconds, cpu_seconds)
+            ended = bool(after_step(state, step, batcher, train_seconds, cpu_seconds))
             t_last = time.perf_counter()  # tokens/s counts training only
-        final = step == total
+        final = step == total or ended
         stopping = stop.should_stop(offset + step)  # once: a SIGTERM may land between two reads
         if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             meta = {
@@ -304,6 +309,7 @@ def train_loop(
                 "train_seconds": round(train_seconds, 3),
                 "cpu_seconds": round(cpu_seconds, 3),
                 **guard.meta(),
+                **(extra_meta(offset + step) if extra_meta is not None else {}),
             }
             ckpt.save(offset + step, tree(state), meta, force=True)
             last_saved = offset + step
@@ -313,4 +319,6 @@ def train_loop(
             raise Preempted(
                 f"stopped during {STAGE_WORDS[stage]} after step {step}/{total}; checkpoint saved; re-run the same command to resume"
             )
+        if ended:
+            break
     return state

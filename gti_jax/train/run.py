@@ -19,6 +19,7 @@ Run directory::
     stages.json        finished stages and their timings
     metrics.jsonl      {"stage", "step", "loss", "lr", "grad_norm", "tokens_per_s"} per log step
     checkpoints/       orbax checkpoints (grounding and fine-tuning steps)
+    checkpoints/best/  with checkpoint.best: the best validated fine-tuning state
     data/              files made by the recommendation front end (when data.* are unset)
     new_tokens.json    the new tokens, their ids, the semantic-ID codebooks
     grounded_rows.safetensors   the grounded rows alone, to apply to another copy of the model
@@ -70,6 +71,7 @@ from gti_jax.train.inputs import (
     Inputs,
     MakeData,
     TrainError,
+    apply_init_rows,
     codebook_vectors,
     given_files,
     read_inputs,
@@ -461,7 +463,17 @@ def _run(
         log_line(f"checkpoint step {step} skipped: {why}")
     latest_meta = _peek_meta(ckpt, latest)
     ctx = StageContext(
-        cfg, run_dir, ckpt, log, stop, mesh, rules, latest, latest_meta, inputs.evaluator
+        cfg,
+        run_dir,
+        ckpt,
+        log,
+        stop,
+        mesh,
+        rules,
+        latest,
+        latest_meta,
+        inputs.evaluator,
+        inputs.validator,
     )
     try:
         sft_started = latest_meta is not None and latest_meta.get("stage") == "sft"
@@ -518,7 +530,7 @@ def _extend(cfg: TrainConfig, run_dir: Path, log: RunLog, model, tokenizer, inpu
         description_ids=inputs.desc_ids,
         init_kwargs=dict(cfg.init_kwargs),
     )
-    model = nnx.merge(graphdef, state)
+    model = apply_init_rows(nnx.merge(graphdef, state), inputs.init_rows)
     model.config = model.config.replace(vocab_size=int(model.num_rows))
     token_info = {
         "tokens": to_add,
@@ -583,6 +595,8 @@ def _evaluate(cfg: TrainConfig, run_dir: Path, log: RunLog, hosted, evaluator, t
         results["skipped_steps"] = {
             s: int(log.stages.get(s, {}).get("skipped_steps", 0)) for s in ("ground", "sft")
         }
+    if "best" in log.stages.get("sft", {}):  # eval.every: the best validation (and its use)
+        results["best"] = log.stages["sft"]["best"]
     results["wall_seconds"] = round(time.perf_counter() - t_run, 1)
     if writer:
         atomic_write_json(run_dir / "results.json", results)

@@ -26,6 +26,7 @@ from gti_jax.train.loop import (
 from gti_jax.train.lora import apply_lora, merge_lora
 from gti_jax.train.runlog import atomic_write_text
 from gti_jax.train.steps import SFTStep, make_sft_step, sft_optimizer
+from gti_jax.train.validate import Validation
 
 __all__ = ["learning_curve", "sft_model_from_config", "sft_stage", "sft_step_from_config"]
 
@@ -144,30 +145,54 @@ def sft_stage(ctx: StageContext, model, examples, units=None):
         start = int(resumed_meta["step"])
         log_line(f"resumed fine-tuning at step {start}/{S} from {ckpt.directory}")
     log.truncate_metrics("sft", start)
+    log.truncate_metrics("valid", start)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     guard = NanGuard(cfg, "sft", G, resumed_meta)
     units = np.ones(len(examples), np.int64) if units is None else np.asarray(units, np.int64)
-    st = train_loop(
-        ctx,
-        "sft",
-        st,
-        lambda st, batch, step: step_fn(st, batch, jax.random.fold_in(key, step)),
-        tree=lambda st: {"trainable": st.trainable, "opt": st.opt_state},
-        opt_state_of=lambda st: st.opt_state,
-        total=S,
-        offset=G,
-        start=start,
-        examples=examples,
-        batch_size=cfg.sft.batch_size,
-        data_seed=cfg.seed + 1,
-        guard=guard,
-        last_saved=G + start if start else (G or None),  # grounding ends with a checkpoint
-        after_step=learning_curve(ctx, step_fn, units, start),
-        train_seconds=float((resumed_meta or {}).get("train_seconds", 0.0)),
-        cpu_seconds=float((resumed_meta or {}).get("cpu_seconds", 0.0)),
-    )
+    val = Validation(ctx, step_fn, resumed_meta)
+    try:
+        if not val.stopped_early:  # a stage that stopped early and was resumed is done
+            st = train_loop(
+                ctx,
+                "sft",
+                st,
+                lambda st, batch, step: step_fn(st, batch, jax.random.fold_in(key, step)),
+                tree=lambda st: {"trainable": st.trainable, "opt": st.opt_state},
+                opt_state_of=lambda st: st.opt_state,
+                total=S,
+                offset=G,
+                start=start,
+                examples=examples,
+                batch_size=cfg.sft.batch_size,
+                data_seed=cfg.seed + 1,
+                guard=guard,
+                last_saved=G + start if start else (G or None),  # grounding ends with one
+                after_step=_both(learning_curve(ctx, step_fn, units, start), val.after_step),
+                extra_meta=val.meta,
+                train_seconds=float((resumed_meta or {}).get("train_seconds", 0.0)),
+                cpu_seconds=float((resumed_meta or {}).get("cpu_seconds", 0.0)),
+            )
+        best = val.restore_best(st)
+        if best is not st and ctx.evaluator is not None:
+            ctx.evaluator.forget_retrieval()  # the curve's last ranking was of another model
+        st = best
+    finally:
+        val.close()
     model = step_fn.merge(st)
     if lora:
         model = merge_lora(model)
-    log.finish("sft", time.perf_counter() - t0, steps=S, **guard.row(), **guard.meta())
+    info = {**guard.row(), **guard.meta(), **val.record()}
+    log.finish("sft", time.perf_counter() - t0, steps=S, **info)
     return model
+
+
+def _both(first, second):
+    """One ``after_step`` running `first` (may be None) then `second`; True ends the stage."""
+    if first is None:
+        return second
+
+    def after_step(*args):
+        first(*args)
+        return second(*args)
+
+    return after_step

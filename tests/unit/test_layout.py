@@ -19,6 +19,7 @@ LOW = (
     "metrics.py",
     "config.py",
     "errors.py",
+    "progress.py",
 )
 
 
