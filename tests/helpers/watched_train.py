@@ -31,8 +31,8 @@ def device_bytes() -> int:
 
 
 def watch(report: dict) -> None:
-    """Wraps the export and the gather to fill `report` (see the module docstring)."""
-    import jax
+    """Wraps the export and the gather to fill `report` (see the module docstring); calls
+    no jax function (the trainer initializes ``jax.distributed`` first)."""
     from flax import nnx
 
     import gti_jax.models as models
@@ -54,7 +54,6 @@ def watch(report: dict) -> None:
 
     models.export_hf_dir = export
     sharding._replicate = replicate
-    report["process"] = jax.process_index()
 
 
 def reexport(src: str, out: str, dtype: str, cfg_args: list[str]) -> None:
@@ -83,6 +82,9 @@ def main(argv: list[str]) -> int:
     from gti_jax.train.__main__ import main as train
 
     code = train(args)
+    import jax
+
+    report["process"] = jax.process_index()
     with open(report_path, "w") as f:  # the trainer's export only
         json.dump(report, f)
     if code == 0 and extra is not None:
