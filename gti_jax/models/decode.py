@@ -489,9 +489,8 @@ def generate(
         key: PRNG key, required when sampling; step `t` uses `fold_in(key, t)`.
         pad_id: id used for left padding and after EOS in `tokens`.
         prompt_bucket: prompt lengths are rounded up to a multiple of this.
-        batch_sharding: where the `[B, T]` prompt rows go when the model is sharded (rows
-            over the data axes; `B` must split evenly); every process passes the same
-            prompts and gets every row back. None: jit's default placement.
+        batch_sharding: where the `[B, T]` prompt rows go on a sharded model (over the data
+            axes, `B` a multiple of their shards); every process gets all rows.
 
     Returns:
         A `GenerateOutput` (`sequences`, `tokens [B, N]`, `lengths [B]`).
@@ -843,9 +842,8 @@ def beam_search(
         length_penalty: hypotheses are ranked by `sum_logprob / length ** length_penalty`.
         pad_id: id for left padding and unused positions.
         prompt_bucket: prompt lengths are rounded up to a multiple of this.
-        batch_sharding: where the `[B, T]` prompt rows go when the model is sharded (rows
-            over the data axes; `B` must split evenly); every process passes the same
-            prompts and gets every row back (not used with a callable constraint).
+        batch_sharding: where the `[B, T]` prompt rows go on a sharded model (over the data
+            axes, `B` a multiple of their shards; trie or none); every process gets all rows.
 
     Returns:
         A `BeamOutput` (`sequences` per prompt, best first; `scores [B, num_beams]`).

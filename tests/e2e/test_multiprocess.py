@@ -76,8 +76,9 @@ def two_process_run(task, tmp_path_factory):
         ]
         log = root / f"process{i}.err"
         procs.append((subprocess.Popen(cmd, env=env, stderr=open(log, "w")), log))  # noqa: SIM115
-    # a hang guard, not a speed test: on a loaded 2-core machine the set-up took 385 s
-    deadline = time.monotonic() + 900
+    # a hang guard, not a speed test: on a loaded 2-core machine the set-up took 385 s, and
+    # 25 minutes (a step's compile 5) with 15 runnable jobs on the 2 cores
+    deadline = time.monotonic() + 2400
     try:
         for p, _ in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 1))

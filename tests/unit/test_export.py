@@ -1,7 +1,6 @@
 """The Hugging Face export: its dtype (``export.dtype``, default the source's), the kept
 ``generation_config.json``, and the streaming writer (one tensor in host memory at a time)."""
 
-import gc
 import json
 import weakref
 
@@ -120,8 +119,7 @@ def test_export_holds_one_tensor_at_a_time(model, tmp_path, monkeypatch):
     alive: list[weakref.ref] = []
     fetched = []
 
-    def fetch(self, dtype=None, copy=None):
-        gc.collect()
+    def fetch(self, dtype=None, copy=None):  # reference counting frees a dropped array
         assert all(r() is None for r in alive), "an earlier tensor is still held"
         arr = real(self, dtype, copy)
         alive.append(weakref.ref(arr))
