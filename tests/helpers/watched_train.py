@@ -20,13 +20,17 @@ from collections import Counter
 
 
 def device_bytes() -> int:
-    """The bytes of live arrays on this process's fullest device."""
+    """The bytes of live arrays on this process's fullest device, each buffer once (a shard
+    read through ``addressable_shards`` is itself a live array on the parent's buffer)."""
     import jax
 
-    per = Counter()
+    per, seen = Counter(), set()
     for a in jax.live_arrays():
         for shard in a.addressable_shards:
-            per[shard.device] += shard.data.nbytes
+            key = (shard.device, shard.data.unsafe_buffer_pointer())
+            if key not in seen:
+                seen.add(key)
+                per[shard.device] += shard.data.nbytes
     return max(per.values(), default=0)
 
 
