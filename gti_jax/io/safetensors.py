@@ -207,32 +207,47 @@ def load_dir_tensors(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def _as_numpy(x) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.dtype not in _NAMES:
-        raise SafetensorsError(f"cannot store dtype {arr.dtype} in safetensors")
-    return arr
+def _spec(x) -> tuple[np.dtype, tuple[int, ...]]:
+    """The dtype and shape an array-like will have, without reading its data when it says
+    them itself (numpy, jax, :class:`gti_jax.models.hf.ExportTensor`)."""
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        x = np.asarray(x)
+    dtype = np.dtype(x.dtype)
+    if dtype not in _NAMES:
+        raise SafetensorsError(f"cannot store dtype {dtype} in safetensors")
+    return dtype, tuple(int(n) for n in x.shape)
 
 
 def _write(f: IO[bytes], tensors: Mapping[str, object], metadata: Mapping[str, str] | None) -> None:
-    arrays = {k: _as_numpy(v) for k, v in tensors.items()}
+    """Writes the header from the tensors' dtypes and shapes, then each tensor's bytes in
+    turn: a tensor is read (``np.asarray``) only when its bytes are written and dropped
+    before the next, so lazily fetched tensors pass through memory one at a time."""
+    specs = {k: _spec(v) for k, v in tensors.items()}
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for name, arr in arrays.items():
+    for name, (dtype, shape) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         header[name] = {
-            "dtype": _NAMES[arr.dtype],
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
+            "dtype": _NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += arr.nbytes
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align data to 8 bytes, as the reference writer does
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
-    for arr in arrays.values():
+    for name, value in tensors.items():
+        arr = np.asarray(value)
+        if (arr.dtype, arr.shape) != specs[name]:
+            raise ValueError(
+                f"tensor {name!r} read as {arr.dtype} {list(arr.shape)} but announced as "
+                f"{specs[name][0]} {list(specs[name][1])}"
+            )
         f.write(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
+        del arr
 
 
 def save_tensors(
@@ -240,7 +255,8 @@ def save_tensors(
     tensors: Mapping[str, object],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Writes tensors (numpy or jax arrays) to one safetensors file, atomically.
+    """Writes tensors (numpy or jax arrays, or array-likes with ``dtype``, ``shape`` and
+    ``__array__`` read one at a time) to one safetensors file, atomically.
 
     The data goes to a temporary file in the same directory that is renamed into place, so a
     reader never sees a half-written file.

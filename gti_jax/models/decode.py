@@ -56,6 +56,7 @@ from flax import nnx
 
 from gti_jax.errors import BadInput
 from gti_jax.models.llama import KVCache, LlamaForCausalLM, SharedPrefixKV
+from gti_jax.models.sharding import host_array, put_rows
 
 __all__ = [
     "BeamOutput",
@@ -349,6 +350,20 @@ def _eos_array(eos_ids: int | Sequence[int] | None, num_rows: int) -> np.ndarray
     return out
 
 
+def _put_prompts(ids: np.ndarray, mask: np.ndarray, sharding) -> tuple[Any, Any]:
+    """The padded prompts on `sharding` (rows over the batch shards); as they are without."""
+    if sharding is None:
+        return ids, mask
+    try:
+        sharding.shard_shape(ids.shape)
+    except ValueError:
+        raise DecodeError(
+            f"{ids.shape[0]} prompts do not split evenly over the rows of batch_sharding "
+            f"{sharding}; pass a multiple of its batch shards (pad with copies of a prompt)"
+        ) from None
+    return put_rows(ids, sharding), put_rows(mask, sharding)
+
+
 def _check_common(model: LlamaForCausalLM, max_new_tokens: int, num_tokens: int | None) -> None:
     if not isinstance(model, LlamaForCausalLM):
         raise DecodeError(f"model must be a gti_jax LlamaForCausalLM, got {type(model).__name__}")
@@ -478,6 +493,7 @@ def generate(
     key: Array | None = None,
     pad_id: int = 0,
     prompt_bucket: int = 16,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` per prompt with the KV cache (greedy by default).
 
@@ -496,6 +512,8 @@ def generate(
         key: PRNG key, required when sampling; step `t` uses `fold_in(key, t)`.
         pad_id: id used for left padding and after EOS in `tokens`.
         prompt_bucket: prompt lengths are rounded up to a multiple of this.
+        batch_sharding: where the `[B, T]` prompt rows go on a sharded model (over the data
+            axes, `B` a multiple of their shards); every process gets all rows.
 
     Returns:
         A `GenerateOutput` (`sequences`, `tokens [B, N]`, `lengths [B]`).
@@ -530,6 +548,7 @@ def generate(
         top_p=np.float32(1.0 if top_p is None else top_p),
         pad_id=np.int32(pad_id),
     )
+    ids, mask = _put_prompts(ids, mask, batch_sharding)
     graphdef, state = nnx.split(model)
     tokens, lengths = _generate_jit(
         graphdef,
@@ -541,7 +560,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         sample=temperature > 0,
     )
-    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    tokens, lengths = host_array(tokens), host_array(lengths)
     sequences = [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)]
     return GenerateOutput(sequences=sequences, tokens=tokens, lengths=lengths)
 
@@ -845,6 +864,7 @@ def beam_search(
     length_penalty: float = 0.0,
     pad_id: int = 0,
     prompt_bucket: int = 16,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> BeamOutput:
     """Batched beam search returning `num_beams` distinct hypotheses per prompt, best first.
 
@@ -870,6 +890,8 @@ def beam_search(
         length_penalty: hypotheses are ranked by `sum_logprob / length ** length_penalty`.
         pad_id: id for left padding and unused positions.
         prompt_bucket: prompt lengths are rounded up to a multiple of this.
+        batch_sharding: where the `[B, T]` prompt rows go on a sharded model (over the data
+            axes, `B` a multiple of their shards; trie or none); every process gets all rows.
 
     Returns:
         A `BeamOutput` (`sequences` per prompt, best first; `scores [B, num_beams]`).
@@ -905,6 +927,7 @@ def beam_search(
     if constraint is None or trie is not None:
         limit = model.num_rows if num_tokens is None else num_tokens
         arrays = _checked_trie_arrays(trie, limit, max_new_tokens)
+        ids, mask = _put_prompts(ids, mask, batch_sharding)
         toks, lens, scores = _beam_jit(
             graphdef,
             state,
@@ -923,7 +946,7 @@ def beam_search(
         raise DecodeError(
             f"constraint must be a TrieConstraint, a callable or None, got {type(constraint)}"
         )
-    toks, lens, scores = np.asarray(toks), np.asarray(lens), np.asarray(scores, np.float32)
+    toks, lens, scores = host_array(toks), host_array(lens), host_array(scores, dtype=np.float32)
     sequences = [
         [toks[i, j, : lens[i, j]].tolist() for j in range(num_beams) if scores[i, j] > _NEG_INF]
         for i in range(toks.shape[0])

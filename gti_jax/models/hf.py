@@ -33,7 +33,13 @@ from gti_jax.io.safetensors import load_dir_tensors, save_dir_tensors
 from gti_jax.models.config import LlamaConfig
 from gti_jax.models.families import model_class
 from gti_jax.models.llama import LlamaForCausalLM
-from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_axes, logical_to_spec
+from gti_jax.models.sharding import (
+    LOGICAL_RULES,
+    Rules,
+    host_array,
+    logical_axes,
+    logical_to_spec,
+)
 
 __all__ = [
     "KEY_TABLE",
@@ -42,8 +48,11 @@ __all__ = [
     "path_to_hf_name",
     "model_from_tensors",
     "model_to_tensors",
+    "ExportTensor",
+    "export_tensors",
     "load_hf_dir",
     "export_hf_dir",
+    "update_generation_config",
 ]
 
 _L = r"(\d+)"
@@ -272,6 +281,52 @@ def model_from_tensors(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+class ExportTensor:
+    """One parameter as a Hugging Face tensor, fetched only when read (``np.asarray``).
+
+    Its HF `shape` and `dtype` are known at once, so a safetensors header can be written
+    before any bytes are gathered; reading it casts on the devices and gathers this one
+    array (:func:`gti_jax.models.sharding.host_array`: a collective across processes).
+    """
+
+    def __init__(self, value: jax.Array, kind: str, dtype=None):
+        self.value, self.kind = value, kind
+        self.dtype = np.dtype(value.dtype if dtype is None else dtype)
+        self.shape = _hf_shape(kind, tuple(value.shape))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = _to_hf(self.kind, host_array(self.value, dtype=self.dtype))
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def export_tensors(model: LlamaForCausalLM, *, dtype=None) -> dict[str, ExportTensor]:
+    """A model's parameters as HF-named :class:`ExportTensor` s in checkpoint order, none
+    fetched yet (so an export holds one tensor in host memory at a time).
+
+    Args:
+        model: the model (sharded or not).
+        dtype: the dtype to write (e.g. `jnp.bfloat16`); default keeps each parameter's.
+
+    Returns:
+        HF name -> tensor; no `lm_head.weight` for tied models.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8,
+        ...                   num_hidden_layers=1, num_attention_heads=1)
+        >>> t = export_tensors(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), dtype=jnp.bfloat16)
+        >>> t["lm_head.weight"].shape, t["lm_head.weight"].dtype.name
+        ((8, 4), 'bfloat16')
+    """
+    out: dict[str, ExportTensor] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        hit = path_to_hf_name(path)
+        if hit is None:
+            raise ValueError(f"parameter {'/'.join(map(str, path))} has no Hugging Face name")
+        name, kind = hit
+        out[name] = ExportTensor(var[...], kind, dtype)
+    return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
+
+
 def model_to_tensors(model: LlamaForCausalLM, *, dtype=None) -> dict[str, np.ndarray]:
     """Gathers a model's parameters into HF-named host arrays in HF orientation.
 
@@ -288,17 +343,7 @@ def model_to_tensors(model: LlamaForCausalLM, *, dtype=None) -> dict[str, np.nda
         >>> model_to_tensors(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))["lm_head.weight"].shape
         (8, 4)
     """
-    out: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        hit = path_to_hf_name(path)
-        if hit is None:
-            raise ValueError(f"parameter {'/'.join(map(str, path))} has no Hugging Face name")
-        name, kind = hit
-        arr = np.asarray(jax.device_get(var[...]))
-        if dtype is not None:
-            arr = arr.astype(dtype)
-        out[name] = _to_hf(kind, arr)
-    return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
+    return {name: np.asarray(t) for name, t in export_tensors(model, dtype=dtype).items()}
 
 
 def _sort_key(name: str):
@@ -419,6 +464,33 @@ def _dtype_name(dtype) -> str:
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(name, name)
 
 
+def update_generation_config(source: Mapping[str, Any], hf_config: Mapping[str, Any]) -> dict:
+    """A source ``generation_config.json`` kept whole, with the exported config's token ids.
+
+    ``bos_token_id`` and ``pad_token_id`` become the exported config's (where it sets them);
+    its ``eos_token_id`` ids are added to the source's, which are kept: an instruct model
+    often stops on several ids that ``config.json`` does not list. Sampling settings, stop
+    strings and the rest are kept as they were.
+
+    Example:
+        >>> src = {"eos_token_id": [2, 7], "temperature": 0.6, "bos_token_id": 1}
+        >>> update_generation_config(src, {"bos_token_id": 1, "eos_token_id": 2,
+        ...                                "pad_token_id": 3})
+        {'eos_token_id': [2, 7], 'temperature': 0.6, 'bos_token_id': 1, 'pad_token_id': 3}
+    """
+    out = dict(source)
+    for key in ("bos_token_id", "pad_token_id"):
+        if hf_config.get(key) is not None:
+            out[key] = hf_config[key]
+    eos = hf_config.get("eos_token_id")
+    if eos is not None:
+        have = out.get("eos_token_id")
+        have = [] if have is None else list(have) if isinstance(have, list) else [have]
+        merged = have + [e for e in (eos if isinstance(eos, list) else [eos]) if e not in have]
+        out["eos_token_id"] = merged[0] if len(merged) == 1 else merged
+    return out
+
+
 def export_hf_dir(
     model: LlamaForCausalLM,
     config: LlamaConfig | None,
@@ -427,24 +499,34 @@ def export_hf_dir(
     *,
     dtype=None,
     overwrite: bool = False,
-    generation_config: bool = True,
+    generation_config: bool | Mapping[str, Any] = True,
     max_shard_bytes: int = 5 * 1024**3,
+    writer: bool | None = None,
 ) -> Path:
     """Writes a Hugging Face checkpoint directory that `transformers` loads unchanged.
 
     Everything is written to a temporary directory next to `out_dir` and renamed into place,
     so a reader never sees a half-written checkpoint. `config.json` gets
-    `vocab_size = model.num_rows` (the embedding rows, which may exceed `len(tokenizer)`).
+    `vocab_size = model.num_rows` (the embedding rows, which may exceed `len(tokenizer)`)
+    and the written dtype.
+
+    The weights stream: each tensor is cast on its devices, gathered alone and written before
+    the next is fetched (:class:`ExportTensor`), so a sharded model is never whole in one
+    process's memory, on host or device. On several processes every process calls this with
+    the same model (each tensor's gather is a collective) and only the writer writes.
 
     Args:
-        model: the model.
+        model: the model (sharded or not).
         config: the architecture to write; None uses `model.config`.
         tokenizer: a Hugging Face tokenizer (saved with `save_pretrained`), or None.
         out_dir: target directory.
         dtype: cast weights to this dtype (e.g. `jnp.bfloat16`); default keeps them.
         overwrite: replace an existing non-empty `out_dir`.
-        generation_config: also write `generation_config.json` (bos/eos/pad ids).
+        generation_config: True writes `generation_config.json` with the bos/eos/pad ids; a
+            mapping (the source checkpoint's `generation_config.json`) is kept whole with
+            its token ids updated (:func:`update_generation_config`); False writes none.
         max_shard_bytes: shard the weights past this size.
+        writer: whether this process writes; default: process 0 does.
 
     Returns:
         `out_dir` as a Path.
@@ -452,6 +534,7 @@ def export_hf_dir(
     Example:
         >>> export_hf_dir(model, None, tokenizer, "out/extended")  # doctest: +SKIP
     """
+    writer = jax.process_index() == 0 if writer is None else writer
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
@@ -463,19 +546,20 @@ def export_hf_dir(
             f"config.tie_word_embeddings={config.tie_word_embeddings} disagrees with the "
             f"model's ({model.config.tie_word_embeddings})"
         )
-    tensors = model_to_tensors(model, dtype=dtype)
-    weight_dtype = _dtype_name(tensors["model.embed_tokens.weight"].dtype)
+    tensors = export_tensors(model, dtype=dtype)
+    if not writer:
+        for t in tensors.values():  # take part in each tensor's gather, in the same order
+            np.asarray(t)
+        return out_dir
+    hf_config = config.to_hf_dict(dtype=_dtype_name(tensors["model.embed_tokens.weight"].dtype))
     with atomic_dir(out_dir) as tmp:
-        hf_config = config.to_hf_dict(dtype=weight_dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_dir_tensors(tmp, tensors, max_shard_bytes=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if generation_config:
-            gen = {
-                k: hf_config[k]
-                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if hf_config[k] is not None
-            }
+        if generation_config is not False:
+            gen = update_generation_config(
+                {} if generation_config is True else generation_config, hf_config
+            )
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out_dir

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gti_jax.errors import BadInput
@@ -35,6 +37,9 @@ __all__ = [
     "cache_shardings",
     "shard_model",
     "create_sharded_model",
+    "host_array",
+    "model_mesh",
+    "put_rows",
 ]
 
 MeshAxes = str | tuple[str, ...] | None
@@ -265,3 +270,81 @@ def create_sharded_model(make_model, mesh: Mesh, rules: Rules = LOGICAL_RULES) -
 
     init = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)
     return nnx.merge(graphdef, init())
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays that span processes: one tensor at a time to the host, whole host rows onto a mesh.
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _astype(x: jax.Array, dtype) -> jax.Array:
+    return x.astype(dtype)
+
+
+def _identity(x):
+    return x
+
+
+def _replicate(x: jax.Array) -> jax.Array:
+    """`x` whole on every device of its mesh: the one transient copy a gather makes."""
+    return jax.jit(_identity, out_shardings=NamedSharding(x.sharding.mesh, PartitionSpec()))(x)
+
+
+def host_array(x: Any, *, dtype=None) -> np.ndarray:
+    """One array whole in host memory, cast on its devices first; a collective across processes.
+
+    The cast runs where the shards are (so a bfloat16 copy moves half the bytes of a float32
+    one, and every process rounds the same way); an array that spans several processes is
+    then gathered by a replicated copy of this one array, never more.
+    Every process must call it for the same arrays in the same order.
+
+    Args:
+        x: a `jax.Array` (sharded or not) or a host array.
+        dtype: cast to this dtype first (e.g. `jnp.bfloat16`); None keeps it.
+
+    Returns:
+        A numpy array of `x`'s global shape.
+
+    Example:
+        >>> host_array(jax.numpy.arange(3.0), dtype=jax.numpy.bfloat16).dtype.name
+        'bfloat16'
+    """
+    if dtype is not None and np.dtype(dtype) != x.dtype:
+        x = _astype(x, np.dtype(dtype)) if isinstance(x, jax.Array) else np.asarray(x, dtype)
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if isinstance(x.sharding, NamedSharding):
+        return np.asarray(_replicate(x).addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put_rows(x: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Places a host array that every process holds whole (the same rows everywhere) on
+    `sharding`, each device taking its slice; None: the default device.
+
+    Example:
+        >>> mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+        >>> put_rows(np.zeros((2, 3)), NamedSharding(mesh, PartitionSpec("data"))).shape
+        (2, 3)
+    """
+    x = np.asarray(x)
+    if sharding is None:
+        return jax.numpy.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def model_mesh(tree: Any) -> Mesh | None:
+    """The mesh a model's (or state's) parameters are placed on, or None when they live on
+    one device (a model never sharded, or gathered to the host).
+
+    Example:
+        >>> model_mesh({"w": jax.numpy.zeros(2)}) is None
+        True
+    """
+    leaves = jax.tree.leaves(nnx.state(tree) if isinstance(tree, nnx.Module) else tree)
+    for x in leaves:
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -35,7 +36,20 @@ from typing import Literal, NamedTuple
 
 from gti_jax.errors import BadInput
 
-__all__ = ["ModelSource", "ModelSourceError", "hub_cache_dir", "hub_id", "resolve_source"]
+__all__ = [
+    "EXPORT_DTYPES",
+    "ModelSource",
+    "ModelSourceError",
+    "hub_cache_dir",
+    "hub_id",
+    "resolve_source",
+    "source_dtype",
+    "source_generation_config",
+]
+
+#: The weight dtypes an export may be written in.
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 _WHAT = (
     "give a Hugging Face checkpoint directory (with config.json), a .gguf file, an alias or "
@@ -180,3 +194,58 @@ def resolve_source(name: str | os.PathLike, *, label: str | None = None) -> Mode
             f"(aliases: {', '.join(gguf.ALIASES)}); {_WHAT}"
         )
     return ModelSource("gguf", Path(resolved))
+
+
+def source_dtype(source: ModelSource) -> str:
+    """The dtype a model's source checkpoint holds its weights in, one of `EXPORT_DTYPES`.
+
+    A Hugging Face directory: its ``config.json`` ``dtype`` (``torch_dtype`` before
+    transformers 5), which is what ``from_pretrained(dtype="auto")`` loads, else the
+    safetensors dtype of the embedding. A GGUF file: float32 (its weights are dequantized
+    to float32 when read). Anything else (float64, int8, unreadable): float32.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = open(d + "/config.json", "w").write('{"torch_dtype": "bfloat16"}')
+        >>> source_dtype(resolve_source(d))
+        'bfloat16'
+    """
+    if source.kind != "hf":
+        return "float32"
+    from gti_jax.io.safetensors import SafetensorsError, checkpoint_files, read_header
+
+    try:
+        config = json.loads((source.path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    for key in ("dtype", "torch_dtype"):
+        name = config.get(key) if isinstance(config, dict) else None
+        if isinstance(name, str) and name.removeprefix("torch.") in EXPORT_DTYPES:
+            return name.removeprefix("torch.")
+    try:
+        path = checkpoint_files(source.path)["model.embed_tokens.weight"]
+        stored = read_header(path)[0]["model.embed_tokens.weight"].dtype
+    except (SafetensorsError, KeyError):
+        return "float32"
+    return _SAFETENSORS_DTYPES.get(stored, "float32")
+
+
+def source_generation_config(source: ModelSource) -> dict | None:
+    """A Hugging Face directory's ``generation_config.json``, or None when it has none
+    (or the model is a GGUF file).
+
+    Raises:
+        BadInput: the file is not a JSON object (transformers would not load it either);
+            read before any work, so a run does not fail at its export.
+    """
+    path = source.path / "generation_config.json"
+    if source.kind != "hf" or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e}); fix the file or remove it") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{path}: not a JSON object; fix the file or remove it")
+    return value

@@ -68,6 +68,7 @@ LoraTarget = Literal[tuple(LORA_TARGETS)]  # type: ignore[valid-type]
 NanPolicy = Literal["stop", "skip"]
 Remat = Literal["none", "full", "dots"]
 Attention = Literal["einsum", "dot_product"]
+ExportDType = Literal["auto", "float32", "bfloat16", "float16"]
 
 HELP_HEADER = (
     "usage: python -m gti_jax.train (or gti-train) [--config FILE|NAME] [--print-config]",
@@ -315,6 +316,10 @@ class ExportConfig:
 
     rows: bool = True
     """Write the grounded new rows alone to <run_dir>/grounded_rows.safetensors after grounding."""
+
+    dtype: ExportDType = "auto"
+    """Dtype of the exported weights: auto (the source checkpoint's: config.json's dtype, else
+    its safetensors dtype; float32 for GGUF), float32, bfloat16 or float16."""
 
 
 @dataclass(frozen=True)

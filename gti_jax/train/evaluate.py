@@ -33,6 +33,7 @@ from flax import nnx
 
 from gti_jax.metrics import popularity_baseline, retrieval_metrics, valid_rate
 from gti_jax.models.decode import TrieConstraint, beam_search, generate
+from gti_jax.models.sharding import model_mesh, put_rows
 from gti_jax.progress import batches, progress
 from gti_jax.train.data import (
     Batch,
@@ -45,9 +46,15 @@ from gti_jax.train.data import (
     target_positions,
     target_width,
 )
-from gti_jax.train.steps import model_lm_loss, put_batch
+from gti_jax.train.steps import batch_sharding, model_lm_loss
 
 __all__ = ["Evaluator", "training_targets"]
+
+
+def _padded(rows: list, size: int | None) -> list:
+    """`rows` filled up to `size` (None: as they are) with copies of the last; the copies'
+    outputs are dropped (rows of a batch never interact)."""
+    return rows if size is None else rows + [rows[-1]] * (size - len(rows))
 
 
 def training_targets(examples: Sequence[Example]) -> Counter:
@@ -89,6 +96,12 @@ def _equal_chunks(rows: list, size: int) -> list[tuple[int, list]]:
 
 class Evaluator:
     """Evaluates models on one task (see the module docstring).
+
+    A model sharded on a mesh is evaluated where it is: the batches are placed with their
+    rows over the mesh's batch axes (``mesh.rules``), padded to a multiple of those shards,
+    so no process ever holds the whole model. On several processes every process calls the
+    evaluator with the same model (each compiled call is a collective) and gets the same
+    results.
 
     Args:
         cfg: the run's :class:`~gti_jax.train.config.TrainConfig` (``eval.*``, ``data.*``).
@@ -184,15 +197,29 @@ class Evaluator:
             self._loss_fns[graphdef] = f
         return self._loss_fns[graphdef]
 
+    def _rows(self, model, size: int) -> tuple[Any, int | None]:
+        """The sharding of `[B, T]` rows for `model` and `size` rounded up to a multiple of
+        its batch shards; `(None, None)` for a model on one device."""
+        mesh = model_mesh(model)
+        if mesh is None:
+            return None, None
+        sharding = batch_sharding(mesh, self.cfg.mesh.rules)
+        axes = sharding.spec[0] if sharding.spec else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = math.prod(mesh.shape[a] for a in axes)
+        return sharding, -(-size // shards) * shards
+
     def loss(self, model) -> dict[str, float]:
         """Teacher-forced loss and perplexity on the targets of the eval examples."""
-        cfg, bs, enc = self.cfg, self.cfg.eval.batch_size, self.encoded
+        cfg, enc = self.cfg, self.encoded
+        sharding, rows = self._rows(model, cfg.eval.batch_size)
+        bs = rows or cfg.eval.batch_size
         buckets = Batcher(enc, batch_size=1, seed=0, max_len=cfg.data.max_len)
         graphdef, state = nnx.split(model)
         fn = self._loss_fn(graphdef)
         loss_sum, count = 0.0, 0.0
-        for i in batches(len(enc), bs, desc="eval loss"):
-            chunk = enc[i : i + bs]
+        for i in batches(len(enc), cfg.eval.batch_size, desc="eval loss"):
+            chunk = enc[i : i + cfg.eval.batch_size]
             t = buckets.bucket_for(max(len(ids) for ids, _ in chunk))
             ids = np.zeros((bs, t), np.int32)
             lm = np.zeros((bs, t), np.float32)
@@ -200,7 +227,8 @@ class Evaluator:
             for r, (x, m) in enumerate(chunk):  # rows past the chunk stay empty (fixed shapes)
                 ids[r, : len(x)], lm[r, : len(x)], attn[r, : len(x)] = x, m, 1
             targets = target_positions(list(lm), t, target_width(buckets.max_targets, t))
-            s, n = fn(state, put_batch(Batch(ids, lm, attn, targets)))
+            batch = Batch(*(put_rows(x, sharding) for x in (ids, lm, attn, targets)))
+            s, n = fn(state, batch)
             loss_sum, count = loss_sum + float(s), count + float(n)
         loss = loss_sum / max(count, 1.0)
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -213,15 +241,18 @@ class Evaluator:
             n_new = max(len(w) for w in want)
         else:
             n_new = self.cfg.eval.max_new_tokens
+        sharding, rows = self._rows(model, bs)
         for i in batches(len(self.prompts), bs, desc="greedy decoding"):
+            chunk = self.prompts[i : i + bs]
             out = generate(
                 model,
-                self.prompts[i : i + bs],
+                _padded(chunk, rows),
                 max_new_tokens=n_new,
                 eos_ids=[] if self.sequence else [self.end],
                 num_tokens=self.num_tokens,
+                batch_sharding=sharding,
             )
-            for j, seq in enumerate(out.sequences):
+            for j, seq in enumerate(out.sequences[: len(chunk)]):
                 if self.sequence:
                     w = want[i + j]
                     hits += [int(t) for t in seq[: len(w)]] == list(w)
@@ -238,17 +269,19 @@ class Evaluator:
         max_new = max(len(k) for k in self._seqs) + (0 if self.sequence else 1)
         ranked, generated = [], []
         chunks = _equal_chunks(self.prompts, self.cfg.eval.beam_batch_size)
+        sharding, rows = self._rows(model, len(chunks[0][1]) if chunks else 1)
         for i, chunk in progress(chunks, total=len(chunks), desc="beam search"):
             out = beam_search(
                 model,
-                chunk,
+                _padded(chunk, rows),
                 num_beams=beams,
                 max_new_tokens=max_new,
                 eos_ids=[] if self.sequence else [self.end],
                 num_tokens=self.num_tokens,
                 constraint=self.trie,
+                batch_sharding=sharding,
             )
-            for hyps in out.sequences[: len(self.prompts) - i]:  # drops the padding
+            for hyps in out.sequences[: min(len(chunk), len(self.prompts) - i)]:  # no padding
                 names = []
                 for h in hyps:
                     key = tuple(int(t) for t in h if self.sequence or t != self.end)

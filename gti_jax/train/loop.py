@@ -9,7 +9,7 @@
 * :class:`StopFlag`: set by SIGTERM (or the test hook ``GTI_JAX_STOP_AT_STEP``); the loop
   saves a checkpoint and raises :class:`Preempted`;
 * :class:`StageContext`: what the stages share (config, run directory, checkpointer, mesh);
-* multi-process helpers: :func:`barrier`, :func:`host`, :func:`host_model`.
+* multi-process helpers: :func:`barrier`, :func:`host`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from gti_jax.errors import GtiError, RunFailed
+from gti_jax.models.sharding import host_array
 from gti_jax.train.config import TrainConfig
 from gti_jax.train.data import Batcher
 from gti_jax.train.runlog import Progress, RunLog
@@ -47,7 +47,6 @@ __all__ = [
     "compute_dtype",
     "guard_optimizer",
     "host",
-    "host_model",
     "log_line",
     "train_loop",
 ]
@@ -110,21 +109,7 @@ def host(x) -> np.ndarray:
 
     On a multi-process run every process must call it for the same arrays (a collective).
     """
-    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def host_model(model):
-    """The model with every array gathered to host numpy (a collective on multi-process).
-
-    Used to export, evaluate and diagnose a model whose arrays span several processes; on one
-    process the model is returned as it is.
-    """
-    if jax.process_count() == 1:
-        return model
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(host(x)), state))
+    return host_array(x)
 
 
 def compute_dtype(name: str):

@@ -50,7 +50,7 @@ import time
 import traceback
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -59,10 +59,15 @@ from flax import nnx
 
 from gti_jax import diagnose, models
 from gti_jax.config import walk_keys
-from gti_jax.errors import GtiError, RunFailed
+from gti_jax.errors import BadInput, GtiError, RunFailed
 from gti_jax.models.hf import CheckpointMismatchError
 from gti_jax.models.sharding import logical_to_spec, make_mesh
-from gti_jax.models.source import ModelSourceError, resolve_source
+from gti_jax.models.source import (
+    ModelSourceError,
+    resolve_source,
+    source_dtype,
+    source_generation_config,
+)
 from gti_jax.train.checkpoint import Checkpointer, NoVerifiedCheckpointError
 from gti_jax.train.config import TrainConfig, config_to_dict, save_config
 from gti_jax.train.ground import ground_stage
@@ -84,7 +89,6 @@ from gti_jax.train.loop import (
     StopFlag,
     barrier,
     host,
-    host_model,
     log_line,
 )
 from gti_jax.train.runlog import RunLog, atomic_write_json
@@ -269,6 +273,26 @@ def _check_model(name: str) -> None:
         raise TrainError(str(e)) from None
 
 
+class _ExportPlan(NamedTuple):
+    """How the export writes: the weights' dtype and the generation config to keep."""
+
+    dtype: str
+    generation_config: dict | bool
+
+
+def _export_plan(cfg: TrainConfig) -> _ExportPlan:
+    """``export.dtype`` resolved (auto: the source checkpoint's) and the source's
+    ``generation_config.json`` (True: none, write the token ids alone); read before the run
+    starts, so a malformed file is bad input instead of a failed export."""
+    source = resolve_source(cfg.model)
+    dtype = source_dtype(source) if cfg.export.dtype == "auto" else cfg.export.dtype
+    try:
+        gen = source_generation_config(source)
+    except BadInput as e:
+        raise TrainError(f"model={cfg.model}: {e}") from None
+    return _ExportPlan(dtype, True if gen is None else gen)
+
+
 # --------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------
@@ -339,6 +363,7 @@ def run(cfg: TrainConfig, *, make_data: MakeData | None = None) -> dict[str, Any
     given = given_files(cfg, make_data)
     _check_model(cfg.model)
     check_tracking(cfg.log)
+    export = _export_plan(cfg)
     mesh = _mesh(cfg)
     rules = dict(cfg.mesh.rules)
     _check_batch_fits(cfg, mesh, rules)
@@ -364,6 +389,7 @@ def run(cfg: TrainConfig, *, make_data: MakeData | None = None) -> dict[str, Any
             mesh,
             rules,
             t_run,
+            export,
         )
     except (Preempted, NonFiniteError, NoVerifiedCheckpointError):
         raise  # said in one line already; nothing to add to error.log
@@ -434,6 +460,7 @@ def _run(
     mesh,
     rules,
     t_run,
+    export: _ExportPlan,
 ) -> dict[str, Any]:
     """The stages, in order, once the run directory exists (`where` names the current one)."""
     writer = jax.process_index() == 0
@@ -491,16 +518,27 @@ def _run(
 
     # evaluate + export ------------------------------------------------------------------
     where.stage = "evaluate"
-    # On several processes, every process gathers the model (a collective) and process 0
-    # evaluates and exports it alone, on its own devices.
-    hosted = host_model(model)
-    results = _evaluate(cfg, run_dir, log, hosted, inputs.evaluator, t_run)
-    if cfg.export.hf and writer:
+    # The model stays sharded where it is: every process evaluates it (each compiled call is
+    # a collective) and takes part in each exported tensor's gather; process 0 writes.
+    results = _evaluate(cfg, run_dir, log, model, inputs.evaluator, t_run)
+    if cfg.export.hf:
         where.stage = "export"
         t0 = time.perf_counter()
-        _remove_stale_temps(run_dir)
-        models.export_hf_dir(hosted, None, tokenizer, run_dir / "export", overwrite=True)
-        log.finish("export", time.perf_counter() - t0, path=str(run_dir / "export"))
+        if writer:
+            _remove_stale_temps(run_dir)
+        models.export_hf_dir(
+            model,
+            None,
+            tokenizer,
+            run_dir / "export",
+            overwrite=True,
+            dtype=export.dtype,
+            generation_config=export.generation_config,
+            writer=writer,
+        )
+        log.finish(
+            "export", time.perf_counter() - t0, path=str(run_dir / "export"), dtype=export.dtype
+        )
     where.stage = "finish"
     barrier("gti_jax.train: done")  # no process leaves while process 0 still writes
     log_line(f"done: {json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)})}")
@@ -577,15 +615,15 @@ def _extend(cfg: TrainConfig, run_dir: Path, log: RunLog, model, tokenizer, inpu
     return model, token_info, record
 
 
-def _evaluate(cfg: TrainConfig, run_dir: Path, log: RunLog, hosted, evaluator, t_run):
-    """Evaluates the final model (process 0) and writes ``results.json``, ``eval_ranks.json``
-    and the loss curves."""
+def _evaluate(cfg: TrainConfig, run_dir: Path, log: RunLog, model, evaluator, t_run):
+    """Evaluates the final model where it is placed (every process; process 0 writes
+    ``results.json``, ``eval_ranks.json`` and the loss curves)."""
     t0 = time.perf_counter()
     writer = jax.process_index() == 0
     n_eval = len(evaluator.examples)
     if writer and n_eval:
         log_line(f"evaluating {n_eval} examples: loss, greedy decoding, constrained beam search")
-    results, ranks = evaluator(hosted) if writer else ({}, [])
+    results, ranks = evaluator(model)
     if writer and ranks:  # per-example ranks: paired tests between runs on the same users
         atomic_write_json(
             run_dir / "eval_ranks.json",

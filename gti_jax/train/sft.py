@@ -19,7 +19,6 @@ from gti_jax.train.loop import (
     StageContext,
     compute_dtype,
     guard_optimizer,
-    host_model,
     log_line,
     train_loop,
 )
@@ -58,13 +57,13 @@ def learning_curve(ctx: StageContext, step_fn, units: np.ndarray, start: int):
     def after_step(st, step, batcher, train_seconds, cpu_seconds):
         if step % every and step != cfg.sft.steps:
             return
-        model = host_model(step_fn.merge(st))  # every process (collective)
-        if not ctx.writer:
-            return
         t0 = time.perf_counter()
-        metrics, ranks = ev.retrieval(model)
+        # every process ranks the sharded model (each compiled call is a collective)
+        metrics, ranks = ev.retrieval(step_fn.merge(st))
         if step == cfg.sft.steps:  # the final evaluation reuses the ranking of the last point
             ev.remember_retrieval(metrics, ranks, f"curve.jsonl step {step}, before the LoRA merge")
+        if not ctx.writer:
+            return
         row = {
             "step": step,
             "targets_seen": targets_seen(batcher, step),

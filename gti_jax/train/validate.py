@@ -27,26 +27,14 @@ import math
 import time
 from typing import Any
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-
 from gti_jax.train.checkpoint import Checkpointer
 from gti_jax.train.config import best_metric_mode
-from gti_jax.train.loop import StageContext, host_model, log_line
+from gti_jax.train.loop import StageContext, log_line
 
 __all__ = ["Validation"]
 
 _BEST_DIR = "best"
 _KEEP_ALL = 2**30  # the best directory's retention is decided here, not by orbax
-
-
-def _broadcast(values: list[float]) -> list[float]:
-    """Process 0's numbers on every process (validation runs on process 0 alone)."""
-    if jax.process_count() == 1:
-        return values
-    arr = multihost_utils.broadcast_one_to_all(np.asarray(values, np.float64))
-    return [float(x) for x in np.asarray(arr)]
 
 
 class Validation:
@@ -103,17 +91,14 @@ class Validation:
         return value < self.best_value if self.mode == "min" else value > self.best_value
 
     def _measure(self, model) -> dict[str, float]:
-        """Process 0 validates; every process gets the numbers."""
+        """Every process validates the sharded model (its collectives need them all) and gets
+        the same numbers, as the final evaluation does."""
         ev, names = self.ctx.validator, ["loss"]
         names += [f"{kind}@{k}" for kind in ("recall", "ndcg") for k in ev.ks]
-        values = [math.nan] * len(names)
-        if self.ctx.writer:
-            found = {"loss": ev.loss(model)["eval_loss"]}
-            if ev.trie is not None:
-                found.update(ev.retrieval(model)[0])
-            values = [float(found.get(n, math.nan)) for n in names]
-        got = dict(zip(names, _broadcast(values), strict=True))
-        return {k: v for k, v in got.items() if k == "loss" or not math.isnan(v)}
+        found = {"loss": ev.loss(model)["eval_loss"]}
+        if ev.trie is not None:
+            found.update(ev.retrieval(model)[0])
+        return {n: float(found[n]) for n in names if n in found}
 
     def after_step(self, st, step, batcher, train_seconds, cpu_seconds) -> bool:
         """Validates at the steps ``eval.every`` names; True ends the stage (early stop)."""
@@ -121,7 +106,7 @@ class Validation:
         if not self.every or (step % self.every and step != total):
             return False
         t0 = time.perf_counter()
-        found = self._measure(host_model(self.step_fn.merge(st)))  # every process
+        found = self._measure(self.step_fn.merge(st))  # every process
         if self.metric not in found:
             raise ValueError(
                 f"checkpoint.best_metric={self.metric} needs candidates to rank: give "

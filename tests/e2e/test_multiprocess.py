@@ -1,33 +1,42 @@
 """Two processes x 4 CPU devices (gloo collectives on loopback) train like one process x 8.
 
-The tiny task (grounding + fine-tuning + evaluation + export) runs once as two
-``python -m gti_jax.train`` processes joined by ``jax.distributed`` on the mesh
-``{data: 2, fsdp: 2, tensor: 2}``, and once in this process on the same mesh over its 8 fake
-devices. The loss curves, the exported parameters, the grounded rows and the evaluation must
-agree (to float32 reduction order: the collectives differ), only process 0 writes files, and
-a checkpoint written by the two processes must restore in one process on another mesh
-(``{data: 8}``) with the values the one-process run had at that step.
+The tiny task (grounding + fine-tuning + evaluation + export) runs once as two trainer
+processes (``gti_jax.train``'s command line, watched by ``tests.helpers.watched_train``)
+joined by ``jax.distributed`` on the mesh ``{data: 2, fsdp: 2, tensor: 2}``, and once in this
+process on the same mesh over its 8 fake devices. The loss curves, the exported parameters,
+the grounded rows and the evaluation must agree (to float32 reduction order: the collectives
+differ), only process 0 writes files, and a checkpoint written by the two processes must
+restore in one process on another mesh (``{data: 8}``) with the values the one-process run
+had at that step.
+
+Evaluation and export run on the mesh: the model is never gathered whole. The watcher
+records each process's device memory at every exported tensor's gather, and the same two
+processes then re-export the run's export loaded onto the mesh in bfloat16, which must be
+byte for byte what one process writes from the same checkpoint.
 """
 
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gti_jax.io.safetensors import load_dir_tensors
+from gti_jax.models import export_hf_dir, load_pretrained
 from gti_jax.models.sharding import make_mesh
 from gti_jax.train.checkpoint import Checkpointer, load_rows
 from gti_jax.train.config import load_config
 from gti_jax.train.run import run
-from tests.helpers.tiny_task import results_without_timing, train_command, train_env
+from tests.helpers.tiny_task import results_without_timing, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +53,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_process_run(task, tmp_path_factory):
+    """The run directory; beside it ``export_memory.{i}.json`` (each process's watch) and
+    ``reexport`` (the run's export re-exported in bfloat16 by the two processes)."""
     root = tmp_path_factory.mktemp("two")
     run_dir = root / "run"
     port = _free_port()
@@ -51,17 +62,23 @@ def two_process_run(task, tmp_path_factory):
     for i in range(2):
         # each process gets its own 4 fake devices before it imports jax
         env = train_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-        cmd = train_command(
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.helpers.watched_train",
+            str(root / f"export_memory.{i}.json"),
             *task.with_args(*EXTRA, MESH, f"run_dir={run_dir}"),
             "distributed.enabled=true",
             f"distributed.coordinator=127.0.0.1:{port}",
             "distributed.num_processes=2",
             f"distributed.process_id={i}",
-        )
+            *("--reexport", str(run_dir / "export"), str(root / "reexport"), "bfloat16"),
+        ]
         log = root / f"process{i}.err"
         procs.append((subprocess.Popen(cmd, env=env, stderr=open(log, "w")), log))  # noqa: SIM115
-    # a hang guard, not a speed test: on a loaded 2-core machine the set-up took 385 s
-    deadline = time.monotonic() + 900
+    # a hang guard, not a speed test: on a loaded 2-core machine the set-up took 385 s, and
+    # 25 minutes (a step's compile 5) with 15 runnable jobs on the 2 cores
+    deadline = time.monotonic() + 2400
     try:
         for p, _ in procs:
             p.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -109,6 +126,39 @@ def test_two_processes_match_one(two_process_run, one_process_run):
     _assert_results_close(res_a, res_b)
     # nothing but the run's own files (no per-process duplicates, no temporaries)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_two_process_export_is_byte_identical_to_one_process(two_process_run, tmp_path):
+    """The same checkpoint (the run's export), sharded over the two processes' 8 devices and
+    exported in bfloat16 tensor by tensor, gives byte for byte the files one process writes
+    from it unsharded."""
+    two = two_process_run.parent / "reexport"
+    model, tok = load_pretrained(two_process_run / "export")
+    one = export_hf_dir(model, None, tok, tmp_path / "one", dtype=jnp.bfloat16)
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and "model.safetensors" in names
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert json.loads((two / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_export_gathers_one_tensor_at_a_time(two_process_run):
+    """Device memory of each process during the run's export: at every tensor's gather the
+    fullest device holds what it held when the export began plus that one tensor, never the
+    model. (The old export gathered the whole model onto each process's first device before
+    evaluating: that device then held a whole extra model, more than this bound allows.)"""
+    for i in range(2):
+        r = json.loads((two_process_run.parent / f"export_memory.{i}.json").read_text())
+        assert r["process"] == i
+        largest, whole = r["largest_tensor_bytes"], r["model_bytes"]
+        assert whole > 2 * largest  # the bound below tells one tensor from the model
+        # every exported tensor (each spans both processes) is gathered once, alone
+        assert len(r["gathers"]) == len(load_dir_tensors(two_process_run / "export"))
+        for gathered, held in r["gathers"]:
+            assert gathered <= largest
+            assert held - r["start_bytes"] <= gathered, (i, held, r["start_bytes"])
+        # and when it began no device held a gathered model
+        assert r["start_bytes"] < whole, (i, r["start_bytes"], whole)
 
 
 def _assert_results_close(a: dict, b: dict, path: str = "") -> None:
