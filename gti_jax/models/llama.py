@@ -57,12 +57,35 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gti_jax.models.config import LlamaConfig
+from gti_jax.models.config import ConfigError, LlamaConfig
 
-__all__ = ["LlamaForCausalLM", "KVCache", "SharedPrefixKV", "rope_inv_freq", "default_positions"]
+__all__ = [
+    "ATTENTION_KERNELS",
+    "REMAT_POLICIES",
+    "KVCache",
+    "LlamaForCausalLM",
+    "SharedPrefixKV",
+    "configure_compute",
+    "default_positions",
+    "rope_inv_freq",
+]
 
 Array = jax.Array
 _INIT_STD = 0.02
+
+#: Attention implementations (`Attention.kernel`): "einsum" writes softmax(QK^T)V out;
+#: "dot_product" calls `jax.nn.dot_product_attention`, so the backend may pick a fused kernel.
+ATTENTION_KERNELS = ("einsum", "dot_product")
+
+#: Rematerialization of each decoder layer in the backward pass (`LlamaForCausalLM.remat`):
+#: "none" keeps every activation; "full" saves nothing inside a layer (its input is kept, the
+#: rest recomputed); "dots" saves the outputs of matmuls without batch dimensions (the
+#: projections), recomputing the cheap elementwise work and the attention scores.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
@@ -209,6 +232,66 @@ def default_positions(attention_mask: Array, start: Array | int = 0) -> Array:
     return jnp.maximum(start + jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
+def _layer_call(remat: str):
+    """How `hidden_states` calls a decoder layer: directly, or as a `jax.checkpoint` with the
+    policy `REMAT_POLICIES[remat]`, each layer its own checkpoint (the backward pass keeps
+    the layers' inputs and recomputes one layer at a time).
+
+    The checkpointed function is pure: the layer is split into its graph definition and
+    state and merged inside. A decoder layer changes no state when called (no counters, no
+    batch statistics; LoRA's dropout key is read, not advanced), so nothing needs carrying
+    out, which `nnx.remat` would try to do (and cannot, for variables of an outer trace).
+    """
+    if remat == "none":
+        return lambda layer, *args: layer(*args)
+    policy = REMAT_POLICIES[remat]
+
+    def call(layer, *args):
+        graphdef, state = nnx.split(layer)
+        pure = lambda state, *args: nnx.merge(graphdef, state)(*args)  # noqa: E731
+        return jax.checkpoint(pure, policy=policy, prevent_cse=True)(state, *args)
+
+    return call
+
+
+def configure_compute(
+    model: nnx.Module, *, attention: str | None = None, remat: str | None = None
+) -> nnx.Module:
+    """Sets how `model` computes (in place; returns it): the attention kernel of every
+    attention module and the rematerialization policy of the decoder layers.
+
+    Both are static Python attributes, so a jitted function traces the choice; neither
+    changes the parameters, and both leave logits and gradients equal up to float rounding.
+    A step sets them on the model it merges inside the compiled function, as it sets the
+    compute dtype.
+
+    Args:
+        model: a gti_jax causal LM (Llama family or Gemma 3).
+        attention: one of `ATTENTION_KERNELS`, or None to leave it.
+        remat: a key of `REMAT_POLICIES`, or None to leave it.
+
+    Raises:
+        ConfigError: an unknown kernel or policy.
+
+    Example:
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> model = configure_compute(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), remat="full")
+        >>> model.remat, model.layers[0].self_attn.kernel
+        ('full', 'einsum')
+    """
+    if attention is not None and attention not in ATTENTION_KERNELS:
+        raise ConfigError(f"attention={attention!r} is not one of {list(ATTENTION_KERNELS)}")
+    if remat is not None and remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat={remat!r} is not one of {list(REMAT_POLICIES)}")
+    for _, module in nnx.iter_modules(model):
+        if attention is not None and isinstance(module, Attention):
+            module.kernel = attention
+        if remat is not None and isinstance(module, LlamaForCausalLM):
+            module.remat = remat
+    return model
+
+
 class KVCache(NamedTuple):
     """Functional key/value cache for incremental decoding (a pytree; jit and scan friendly).
 
@@ -331,6 +414,8 @@ class Attention(nnx.Module):
         self.num_kv_heads, self.head_dim, self.dtype = k, hd, dtype
         self.scale = hd**-0.5  # scores = q.k * scale (Gemma 3: query_pre_attn_scalar**-0.5)
         self.softcap = None  # scores = softcap * tanh(scores / softcap) when set (Gemma)
+        # "einsum" or "dot_product" (ATTENTION_KERNELS; set by `configure_compute`).
+        self.kernel = "einsum"
 
     def __call__(
         self,
@@ -360,6 +445,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             new_kv = (k, v)
         k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if self.kernel == "dot_product" and self.softcap is None:
+            return self.o_proj(self._fused(q, k, v, mask)), new_kv
         groups = q.shape[2] // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -395,6 +482,19 @@ class Attention(nnx.Module):
         out = out + jnp.einsum("nwkgts,nwskh->nwtkgh", probs[..., p:], per_row(vs))
         new_kv = (SharedPrefixKV(kp, ks), SharedPrefixKV(vp, vs))
         return self.o_proj(out.reshape(b, t, h, hd)), new_kv
+
+    def _fused(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+        """`jax.nn.dot_product_attention` on `[B, T, H, hd]` queries and `[B, S, K, hd]` keys.
+
+        The same math as the einsum path: query head `h` reads key/value head `h // (H / K)`
+        (the kernel's GQA grouping, and ours), scores in float32 times `self.scale` (Gemma 3's
+        `query_pre_attn_scalar ** -0.5` included), the boolean `[B, T, S]` mask (causal, sliding
+        window and padding combined) broadcast over heads. Masked scores become a large finite
+        negative there instead of our float32 minimum; both vanish in the softmax, and a row
+        with nothing allowed (a padding query) is uniform in both. The kernel has no score
+        soft-cap, so a layer with `softcap` set keeps the einsum path.
+        """
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=self.scale)
 
 
 class MLP(nnx.Module):
@@ -470,6 +570,7 @@ class LlamaForCausalLM(nnx.Module):
         # attention). One table for every layer here; Gemma 3 alternates local/global layers.
         self.layer_inv_freq = (self.inv_freq,) * config.num_hidden_layers
         self.layer_window = (config.sliding_window,) * config.num_hidden_layers
+        self.remat = "none"  # REMAT_POLICIES key; set by `configure_compute`
 
     @property
     def num_rows(self) -> int:
@@ -556,6 +657,7 @@ class LlamaForCausalLM(nnx.Module):
         # contiguous, so among real tokens slot distance equals position distance (as in HF).
         distance = q_slot[:, None] - k_slot[None, :]
         masks, ropes, new_kvs = {}, {}, []
+        call = _layer_call(self.remat)
         for i, (layer, kv) in enumerate(zip(self.layers, kvs, strict=True)):
             window, inv_freq = self.layer_window[i], self.layer_inv_freq[i]
             if window not in masks:
@@ -564,7 +666,7 @@ class LlamaForCausalLM(nnx.Module):
             if inv_freq not in ropes:
                 ropes[inv_freq] = _rope_cos_sin(np.asarray(inv_freq, np.float32), positions)
             cos, sin = ropes[inv_freq]
-            x, new_kv = layer(x, cos, sin, masks[window], kv, index)
+            x, new_kv = call(layer, x, cos, sin, masks[window], kv, index)
             new_kvs.append(new_kv)
         x = self.norm(x)
         if cache is None:

@@ -336,7 +336,10 @@ class ComputeConfig:
     (jax.nn.dot_product_attention, which lets the backend pick a fused kernel)."""
 
     param_dtype: DType = "float32"
-    """Dtype the parameters are kept in during training; the optimizer state stays float32."""
+    """Dtype the parameters are kept in during training (trained and frozen); the optimizer
+    state stays float32: with bfloat16 it holds a float32 master copy of the trained
+    parameters, updated in float32 and cast back each step (grounding's new rows stay
+    float32 themselves)."""
 
     loss_chunk: int = 0
     """Vocabulary columns per chunk of the cross-entropy, so no step holds more than one

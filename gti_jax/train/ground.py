@@ -57,7 +57,10 @@ from gti_jax.train.loop import (
 from gti_jax.train.steps import (
     CompiledStep,
     adamw_optimizer,
+    cast_params,
     hidden_lm_loss,
+    param_dtype_of,
+    set_compute,
     set_compute_dtype,
 )
 
@@ -470,6 +473,7 @@ class GroundStep(CompiledStep):
         rules,
         split_prefix=True,
         max_prefix=None,
+        compute=None,
     ):
         start, n = _check_ids(new_ids)
         if grad_accum < 1:
@@ -485,6 +489,11 @@ class GroundStep(CompiledStep):
                 f"new_ids {new_ids} exceed the embedding's {model.num_rows} rows; resize the "
                 "vocabulary before grounding"
             )
+        if compute is not None:  # attention kernel and remat live in the graph definition
+            graphdef = nnx.split(set_compute(model, compute))[0]
+        self.param_dtype = param_dtype_of(compute)
+        if self.param_dtype != jnp.float32:  # the backbone kept in bf16; the rows stay float32
+            frozen_state = cast_params(frozen_state, self.param_dtype)
         self.graphdef, self.start, self.num_new, self.tied = graphdef, start, n, bool(tied)
         self.compute_dtype = compute_dtype
         self.split_prefix = bool(split_prefix)
@@ -605,6 +614,7 @@ def make_ground_step(
     rules: Rules = LOGICAL_RULES,
     split_prefix: bool = True,
     max_prefix: int | None = None,
+    compute: Any = None,
 ) -> GroundStep:
     """Builds the compiled GTI step: only the new rows train, the model state stays frozen.
 
@@ -632,6 +642,10 @@ def make_ground_step(
         max_prefix: an upper bound on the prefix, true for every row of every batch; a
             trainer passes :func:`shared_prefix` of its data so every batch of a length
             shares one compiled step (and processes that see only their own rows agree).
+        compute: the ``compute`` section (`gti_jax.train.config.ComputeConfig`): attention
+            kernel and remat of the backbone, and ``param_dtype``, the dtype the frozen model
+            state is kept in (the trained rows and their optimizer stay float32: they are
+            their own master copy, ``N x D`` numbers); None: the defaults.
 
     Returns:
         A :class:`GroundStep`: ``params, opt_state = step.init(params)``, then
@@ -656,6 +670,7 @@ def make_ground_step(
         rules=rules,
         split_prefix=split_prefix,
         max_prefix=max_prefix,
+        compute=compute,
     )
 
 
@@ -737,6 +752,7 @@ def ground_step_from_config(
         mesh=mesh,
         rules=rules,
         max_prefix=max_prefix,
+        compute=cfg.compute,
     )
 
 
@@ -772,6 +788,7 @@ def ground_stage(ctx: StageContext, model, new_range, tied, examples, token_info
         max_prefix=shared_prefix((ids for ids, _ in examples), new_range),
     )
     params, opt_state = step_fn.init(split_new_rows(state, new_range, tied=tied))
+    state = step_fn.frozen_state  # placed, and in compute.param_dtype: what the rows join
     start, resumed_meta = 0, None
     if latest_meta is not None and latest_meta.get("stage") == "ground":
         restored, resumed_meta = ckpt.restore(latest, target=_ground_state_tree(params, opt_state))

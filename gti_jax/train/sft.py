@@ -24,7 +24,7 @@ from gti_jax.train.loop import (
 )
 from gti_jax.train.lora import apply_lora, merge_lora
 from gti_jax.train.runlog import atomic_write_text
-from gti_jax.train.steps import SFTStep, make_sft_step, sft_optimizer
+from gti_jax.train.steps import SFTStep, inner_opt_state, make_sft_step, sft_optimizer
 from gti_jax.train.validate import Validation
 
 __all__ = ["learning_curve", "sft_model_from_config", "sft_stage", "sft_step_from_config"]
@@ -116,6 +116,7 @@ def sft_step_from_config(cfg: TrainConfig, model: nnx.Module, *, mesh, rules) ->
         grad_accum=cfg.sft.grad_accum,
         mesh=mesh,
         rules=rules,
+        compute=cfg.compute,
     )
 
 
@@ -157,7 +158,7 @@ def sft_stage(ctx: StageContext, model, examples, units=None):
                 st,
                 lambda st, batch, step: step_fn(st, batch, jax.random.fold_in(key, step)),
                 tree=lambda st: {"trainable": st.trainable, "opt": st.opt_state},
-                opt_state_of=lambda st: st.opt_state,
+                opt_state_of=lambda st: inner_opt_state(st.opt_state),
                 total=S,
                 offset=G,
                 start=start,
