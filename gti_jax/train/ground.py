@@ -56,6 +56,7 @@ from gti_jax.train.steps import (
     hidden_lm_loss,
     set_compute_dtype,
 )
+from gti_jax.train.xent import VocabHead, model_head
 
 __all__ = [
     "GroundError",
@@ -384,10 +385,32 @@ def shared_prefix(rows: Iterable[Any], new_ids: range, *, multiple: int = _PREFI
     return 0 if first is None else first // multiple * multiple
 
 
-def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype, prefix=0):
+def _ground_vocab(model, params, start) -> VocabHead:
+    """`_ground_head` by blocks of columns (for the chunked loss): the model's head rows, with
+    the trained rows of `params` in place of the new ids' columns."""
+    base = model_head(model)
+    rows = params.embed if params.head is None else params.head
+    n = rows.shape[0]
+
+    def columns(lo, size):
+        rel = lo + jnp.arange(size) - start
+        is_new = (rel >= 0) & (rel < n)
+        new = jnp.take(rows, jnp.clip(rel, 0, n - 1), axis=0).astype(base.dtype)
+        return jnp.where(is_new[:, None], new, base.columns(lo, size).astype(base.dtype))
+
+    return base._replace(columns=columns)
+
+
+def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype, prefix=0, loss_chunk=0):
     model = set_compute_dtype(nnx.merge(graphdef, frozen), compute_dtype)
     h = _ground_hidden(model, params, start, batch.input_ids, batch.attention_mask, prefix)
-    return hidden_lm_loss(h, batch, lambda x: _ground_head(model, params, start, x))
+    return hidden_lm_loss(
+        h,
+        batch,
+        lambda x: _ground_head(model, params, start, x),
+        vocab=_ground_vocab(model, params, start),
+        loss_chunk=loss_chunk,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +482,7 @@ class GroundStep(CompiledStep):
         rules,
         split_prefix=True,
         max_prefix=None,
+        loss_chunk=0,
     ):
         start, n = _check_ids(new_ids)
         if grad_accum < 1:
@@ -489,6 +513,7 @@ class GroundStep(CompiledStep):
                 start=start,
                 compute_dtype=compute_dtype,
                 prefix=prefix,
+                loss_chunk=loss_chunk,
             )
 
         shardings = {}
@@ -593,6 +618,7 @@ def make_ground_step(
     rules: Rules = LOGICAL_RULES,
     split_prefix: bool = True,
     max_prefix: int | None = None,
+    loss_chunk: int = 0,
 ) -> GroundStep:
     """Builds the compiled GTI step: only the new rows train, the model state stays frozen.
 
@@ -620,6 +646,8 @@ def make_ground_step(
         max_prefix: an upper bound on the prefix, true for every row of every batch; a
             trainer passes :func:`shared_prefix` of its data so every batch of a length
             shares one compiled step (and processes that see only their own rows agree).
+        loss_chunk: vocabulary columns per chunk of the loss (``compute.loss_chunk``; 0:
+            automatic, see :func:`gti_jax.train.xent.loss_chunk_size`).
 
     Returns:
         A :class:`GroundStep`: ``params, opt_state = step.init(params)``, then
@@ -644,6 +672,7 @@ def make_ground_step(
         rules=rules,
         split_prefix=split_prefix,
         max_prefix=max_prefix,
+        loss_chunk=loss_chunk,
     )
 
 
@@ -730,6 +759,7 @@ def ground_stage(ctx: StageContext, model, new_range, tied, examples, token_info
         mesh=mesh,
         rules=rules,
         max_prefix=shared_prefix((ids for ids, _ in examples), new_range),
+        loss_chunk=cfg.compute.loss_chunk,
     )
     params, opt_state = step_fn.init(split_new_rows(state, new_range, tied=tied))
     start, resumed_meta = 0, None

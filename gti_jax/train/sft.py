@@ -117,6 +117,7 @@ def sft_stage(ctx: StageContext, model, examples, units=None):
         grad_accum=cfg.sft.grad_accum,
         mesh=mesh,
         rules=rules,
+        loss_chunk=cfg.compute.loss_chunk,
     )
     st = step_fn.init(model)
     start, resumed_meta = 0, None
