@@ -467,23 +467,27 @@ def _broken_one_by_one(tok, tokens, ids):
     return broken
 
 
-@pytest.mark.parametrize("clean_up", [False, True], ids=["backend_decode", "python_decode"])
-def test_batched_checks_find_what_per_token_checks_find(tok, clean_up):
+@pytest.mark.parametrize("backend", [True, False], ids=["backend_calls", "transformers_calls"])
+def test_batched_checks_find_what_per_token_checks_find(tok, backend):
     """A mixed list (good names, word-boundary markers, Latin-1, CJK, inner spaces and
     punctuation, a token that is a prefix of another): the batched check flags exactly the
-    tokens the per-token check flags. With clean_up_tokenization_spaces set, decode goes
-    through transformers' own per-id path, so the same must hold there."""
+    tokens the per-token check flags. With clean_up_tokenization_spaces set and truncation
+    configured on the backend, the batched check must take transformers' own calls
+    (`tokenizer(list)`, per-id `decode`), and the same must hold there."""
     from gti_jax.vocab.tokens import _add, _broken_tokens
 
-    tok.clean_up_tokenization_spaces = clean_up
+    if not backend:
+        tok.clean_up_tokenization_spaces = True
+        tok.backend_tokenizer.enable_truncation(64)
     mixed = SEMANTIC_IDS[:40] + ["<a_1", "Ġx", "▁y", "<café>", "<日本>", "a .", "x's", "<a_1>>"]
     mixed += ["hello", "Ġ", "é", "<b>ĠGood", "z ▁ z", "<c_9>!"]
     mixed = [t for t in dict.fromkeys(mixed) if t not in tok.get_vocab()]
     _add(tok, mixed, special=False)
     ids = tok.convert_tokens_to_ids(mixed)
+    batched = _broken_tokens(tok, mixed, ids)  # first: transformers' encode resets truncation
     expected = _broken_one_by_one(tok, mixed, ids)
     assert 0 < len(expected) < len(mixed)  # the list really is mixed for both tokenizers
-    assert _broken_tokens(tok, mixed, ids) == expected
+    assert batched == expected
 
 
 def test_extended_copy_leaves_the_original_and_matches_extend_tokenizer(tok):
