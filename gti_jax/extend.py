@@ -90,35 +90,15 @@ def open_checkpoint(model: str) -> Checkpoint:
             f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download config.json"
         ) from None
     tensors = st.load_dir_tensors(path)
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = _load_tokenizer(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # transformers raises many types for a missing tokenizer
         raise ExtendError(
             f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the directory needs tokenizer files"
         ) from None
     return Checkpoint(config, tensors, tokenizer, path)
-
-
-def _load_tokenizer(path: Path) -> Any:
-    """The directory's tokenizer, as `AutoTokenizer` loads it.
-
-    A plain fast tokenizer (``tokenizer_class`` TokenizersBackend / PreTrainedTokenizerFast,
-    what gti_jax exports) is loaded with that class directly: `AutoTokenizer` would resolve
-    the same class but import torch on the way (through transformers' config modules), which
-    this CLI never needs and which costs seconds of its run time.
-    """
-    cfg_file = path / "tokenizer_config.json"
-    try:
-        name = json.loads(cfg_file.read_text()).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        name = None
-    if name in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _spec_for(ckpt: Checkpoint) -> EmbeddingSpec:

@@ -169,19 +169,3 @@ def test_extend_cli_subprocess_mean_cov(models, tmp_path):
     assert summary["base_num_tokens"] == n_old
     assert summary["num_tokens"] == n_old + len(NEW_TOKENS)
     assert summary["num_rows"] == rows.shape[0]
-
-
-def test_tokenizer_loads_as_auto_tokenizer_loads_it(tmp_path, models):
-    """`extend` loads plain fast tokenizers without AutoTokenizer (which imports torch);
-    the result must be the tokenizer AutoTokenizer gives (a saved tiny tokenizer and the
-    tiny models' tokenizers)."""
-    from tests.helpers.tokenizers import save_tiny_tokenizer
-
-    save_tiny_tokenizer(tmp_path / "plain")
-    for path in [tmp_path / "plain", *models.values()]:
-        ours = extend._load_tokenizer(path)
-        auto = transformers.AutoTokenizer.from_pretrained(str(path))
-        assert type(ours) is type(auto)
-        assert ours.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
-        assert ours.init_kwargs == auto.init_kwargs
-        assert ours.special_tokens_map == auto.special_tokens_map
