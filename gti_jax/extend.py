@@ -45,9 +45,8 @@ from gti_jax.vocab.tokens import (
     TokenEntry,
     TokenError,
     description_token_ids,
-    extend_tokenizer,
+    extended_copy,
     read_tokens_file,
-    validate_new_tokens,
 )
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
@@ -161,6 +160,8 @@ class _Plan:
     spec: EmbeddingSpec
     resize: VocabPlan
     to_add: list[str]  # the tokens to add, in order
+    tokenizer: Any  # the extended tokenizer (a checked copy; the checkpoint's is unchanged)
+    ids: list[int]  # the ids it gave the new tokens
     desc_ids: Any  # description token ids for ``init="description"``, else None
     num_tokens: int  # the tokenizer's size before the extension
     num_rows: int  # the embedding table's rows before the extension
@@ -181,7 +182,7 @@ def _plan(
         raise ExtendError(
             f"tokenizer has {num_tokens} tokens but the embedding has {num_rows} rows; the tokenizer does not belong to this checkpoint"
         )
-    to_add = validate_new_tokens(
+    extended, to_add, ids = extended_copy(
         ckpt.tokenizer, [e.token for e in entries], skip_existing=skip_existing
     )
     if not to_add:
@@ -195,10 +196,12 @@ def _plan(
     resize = plan_resize(
         num_rows, num_tokens, num_tokens + len(to_add), pad_to_multiple_of=pad_to_multiple_of
     )
-    return _Plan(spec, resize, list(to_add), desc_ids, num_tokens, num_rows)
+    return _Plan(spec, resize, list(to_add), extended, ids, desc_ids, num_tokens, num_rows)
 
 
-def _write_checkpoint(tmp: Path, ckpt: Checkpoint, resized: Mapping[str, Any], rows: int) -> None:
+def _write_checkpoint(
+    tmp: Path, ckpt: Checkpoint, tokenizer: Any, resized: Mapping[str, Any], rows: int
+) -> None:
     """Writes the extended checkpoint (carried-over files, tensors, config, tokenizer)."""
     if ckpt.source_dir is not None:
         for f in ckpt.source_dir.iterdir():
@@ -213,7 +216,7 @@ def _write_checkpoint(tmp: Path, ckpt: Checkpoint, resized: Mapping[str, Any], r
     config = dict(ckpt.config)
     config["vocab_size"] = rows
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    ckpt.tokenizer.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
 
 
 def _read_rows(rows, ckpt: Checkpoint, p: _Plan) -> dict[str, tuple[list[int], np.ndarray]]:
@@ -311,7 +314,7 @@ def extend_checkpoint(
     )
 
     # Heavy work starts here; everything below writes only into a temporary directory.
-    ids = extend_tokenizer(ckpt.tokenizer, p.to_add)
+    ids = p.ids
     if list(ids) != list(plan.new_ids):
         raise ExtendError(
             f"tokenizer assigned ids {ids[:3]}... but rows {plan.new_ids.start}.. were planned; the tokenizer's ids are not contiguous"
@@ -333,7 +336,7 @@ def extend_checkpoint(
     t2 = time.perf_counter()
 
     with atomic_dir(out) as tmp:
-        _write_checkpoint(tmp, ckpt, resized, plan.new_num_rows)
+        _write_checkpoint(tmp, ckpt, p.tokenizer, resized, plan.new_num_rows)
         summary = {
             "model": str(model),
             "init": init,

@@ -25,8 +25,16 @@ PyTorch), to show what those two changes are worth. Reported: median seconds per
 `--warmup` steps (JAX compiles during warm-up), tokens/s = B * T / median, and the bytes of
 optimizer state.
 
+Scaling mode, ``--new 1000,10000,100000``: the grounding step only, at the first batch shape,
+with SmolLM2 extended by each number of new tokens (one model, one export and one process per
+size and framework); per size: seconds per step of both, their optimizer state, the gti_jax
+step's working buffers (XLA's memory analysis of the compiled step, temp bytes) and the peak
+resident memory of each process (load, step and optimizer state; ``ru_maxrss``). The row-mask
+recipe's Adam state covers the whole table (49,152 + |new| rows), gti_jax's the new rows only.
+
 Usage:
     python scripts/bench_train.py --out docs/bench_train.md
+    python scripts/bench_train.py --new 1000,10000,100000 --shapes 4x64 --steps 3
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import datetime
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,11 +109,19 @@ def _torch_state_bytes(torch, opt) -> int:
     )
 
 
-def _jax_ground(graphdef, state, new_ids, batch, args, split_prefix=True):
-    """gti_jax: only the new rows are parameters."""
+def _jax_ground(graphdef, state, new_ids, batch, args, split_prefix=True, memory=None):
+    """gti_jax: only the new rows are parameters. With a `memory` dict, also records the
+    compiled step's buffer sizes (XLA memory analysis) in it."""
     tx = ground_optimizer(GroundConfig(steps=100, lr=LR))
     step = make_ground_step(graphdef, state, new_ids, tx, tied=True, split_prefix=split_prefix)
     box = list(step.init(split_new_rows(state, new_ids, tied=True)))
+    if memory is not None:
+        lowered = step.lower(
+            box[0], step.frozen_state, batch, step.prefix_for(batch), opt_state=box[1]
+        )
+        m = lowered.compile().memory_analysis()
+        memory["step_temp"] = int(m.temp_size_in_bytes)
+        memory["step_args"] = int(m.argument_size_in_bytes)
 
     def run():
         p, o, m = step(box[0], box[1], batch)
@@ -165,10 +183,10 @@ def _torch_sft(torch, tmodel, tb, args):
     return _time(run, args.warmup, args.steps), _torch_state_bytes(torch, opt)
 
 
-def _prepare(tmp: str, shapes, completion: int, first_new: float) -> None:
+def _prepare(tmp: str, shapes, completion: int, first_new: float, n_new: int = N_NEW) -> None:
     """Extends SmolLM2, exports it for transformers, and writes the shared batches."""
     model, tok = load_pretrained("smollm2-135m")
-    ids = extend_tokenizer(tok, [f"<bench_{i}>" for i in range(N_NEW)])
+    ids = extend_tokenizer(tok, [f"<bench_{i}>" for i in range(n_new)])
     new_ids = range(ids[0], ids[-1] + 1)
     graphdef, state = nnx.split(model)
     state = resize_vocab(
@@ -209,13 +227,14 @@ def _side(side: str, tmp: str, shapes, args) -> list[dict]:
         for kind in kinds:
             extra = {}
             if side == "jax":
-                run = lambda bt, fast, kind=kind: (
-                    _jax_ground(graphdef, state, new_ids, bt, args, split_prefix=fast)
+                run = lambda bt, fast, kind=kind, mem=None: (
+                    _jax_ground(graphdef, state, new_ids, bt, args, split_prefix=fast, memory=mem)
                     if kind == "ground"
                     else _jax_sft(model, bt, args)
                 )
-                sec, nbytes = run(batch, True)
-                extra["plain_sec"] = run(batch._replace(targets=None), False)[0]
+                sec, nbytes = run(batch, True, mem=extra if kind == "ground" else None)
+                if not args.new:
+                    extra["plain_sec"] = run(batch._replace(targets=None), False)[0]
             else:
                 tb = [torch.from_numpy(np.asarray(x)).long() for x in batch[:3]]
                 sec, nbytes = (
@@ -223,9 +242,73 @@ def _side(side: str, tmp: str, shapes, args) -> list[dict]:
                     if kind == "ground"
                     else _torch_sft(torch, tmodel, tb, args)
                 )
+            # Peak resident memory of this process so far (load, step, optimizer state); with
+            # --new each process runs one size, so it is that size's peak.
+            extra["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             out.append({"kind": kind, "b": b, "t": t, "sec": sec, "bytes": nbytes, **extra})
             print(json.dumps({"side": side, **out[-1]}), flush=True)
     return out
+
+
+def _run_sides(tmp: str, passthrough: list[str]) -> dict:
+    """Runs the jax side, then the torch side, each in its own process; their results."""
+    sides = {}
+    for side in ("jax", "torch"):
+        cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--tmp={tmp}"]
+        subprocess.run(cmd + passthrough, check=True)
+        with open(os.path.join(tmp, f"{side}.json")) as f:
+            sides[side] = {(r["kind"], r["b"], r["t"]): r for r in json.load(f)}
+    return sides
+
+
+def _scaling(args, argv, shape) -> None:
+    """``--new N1,N2,...``: the grounding step at each number of new tokens, both sides."""
+    import torch
+
+    b, t = shape
+    sizes = [int(v) for v in args.new.split(",")]
+    rows_out = []
+    loads = []
+    for n in sizes:
+        tmp = tempfile.mkdtemp(prefix=f"bench_train_new{n}_")
+        _prepare(tmp, [shape], args.completion, args.first_new, n_new=n)
+        passthrough = [f"--shapes={b}x{t}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
+        passthrough += [f"--completion={args.completion}", f"--first-new={args.first_new}"]
+        passthrough += ["--skip-sft", f"--new={n}"]
+        loads.append(os.getloadavg()[0])
+        sides = _run_sides(tmp, passthrough)
+        loads.append(os.getloadavg()[0])
+        j, p = sides["jax"][("ground", b, t)], sides["torch"][("ground", b, t)]
+        rows = 49_152 + n + (-(49_152 + n) % 64)
+        rows_out.append((n, rows, j, p))
+        print(json.dumps({"new": n, "jax": j, "torch": p}), flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    mib = lambda x: f"{x / 2**20:,.1f}"  # noqa: E731
+    lines = [
+        f"- command: `python scripts/bench_train.py {' '.join(argv or sys.argv[1:])}`",
+        f"- date: {datetime.date.today().isoformat()}; load average (1 min) during the runs "
+        f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores",
+        f"- jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}; "
+        f"SmolLM2-135M (tied, 576 wide), float32; batch {b}x{t}, loss on the last "
+        f"{args.completion} tokens, new tokens at {args.first_new:g} of each row and in the "
+        f"completion; median of {args.steps} steps after {args.warmup} warm-up steps",
+        "",
+        "| new tokens | table rows | gti_jax s/step | PyTorch s/step | speed-up | "
+        "opt. state gti_jax MiB | opt. state PyTorch MiB | gti_jax step buffers MiB | "
+        "peak RSS gti_jax MiB | peak RSS PyTorch MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, rows, j, p in rows_out:
+        lines.append(
+            f"| {n:,} | {rows:,} | {j['sec']:.3f} | {p['sec']:.3f} | {p['sec'] / j['sec']:.2f}x | "
+            f"{mib(j['bytes'])} | {mib(p['bytes'])} | {mib(j['step_temp'])} | "
+            f"{mib(j['peak_rss'])} | {mib(p['peak_rss'])} |"
+        )
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Grounding step vs number of new tokens: gti_jax vs PyTorch\n\n" + report)
 
 
 def main(argv=None) -> None:
@@ -241,6 +324,12 @@ def main(argv=None) -> None:
         "--first-new", type=float, default=0.625, help="where the first new token is (0-1)"
     )
     ap.add_argument("--out", default=None, help="write a markdown report here")
+    ap.add_argument(
+        "--new",
+        default=None,
+        help="scaling mode: comma-separated numbers of new tokens (e.g. 1000,10000,100000); "
+        "grounding only, first shape only, one process per size and framework",
+    )
     ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -255,6 +344,9 @@ def main(argv=None) -> None:
             json.dump(res, f)
         return
 
+    if args.new:
+        _scaling(args, argv, shapes[0])
+        return
     import torch
 
     tmp = tempfile.mkdtemp(prefix="bench_train_")
@@ -262,12 +354,7 @@ def main(argv=None) -> None:
     passthrough = [f"--shapes={args.shapes}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
     passthrough += [f"--completion={args.completion}", f"--first-new={args.first_new}"]
     passthrough += ["--skip-sft"] if args.skip_sft else []
-    sides = {}
-    for side in ("jax", "torch"):
-        cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--tmp={tmp}"]
-        subprocess.run(cmd + passthrough, check=True)
-        with open(os.path.join(tmp, f"{side}.json")) as f:
-            sides[side] = {(r["kind"], r["b"], r["t"]): r for r in json.load(f)}
+    sides = _run_sides(tmp, passthrough)
     results = []
     for key, j in sides["jax"].items():
         p = sides["torch"][key]

@@ -63,6 +63,7 @@ from gti_jax.train.steps import (
     set_compute,
     set_compute_dtype,
 )
+from gti_jax.train.xent import VocabHead, model_head
 
 __all__ = [
     "GroundError",
@@ -398,10 +399,32 @@ def shared_prefix(rows: Iterable[Any], new_ids: range, *, multiple: int = _PREFI
     return 0 if first is None else first // multiple * multiple
 
 
-def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype, prefix=0):
+def _ground_vocab(model, params, start) -> VocabHead:
+    """`_ground_head` by blocks of columns (for the chunked loss): the model's head rows, with
+    the trained rows of `params` in place of the new ids' columns."""
+    base = model_head(model)
+    rows = params.embed if params.head is None else params.head
+    n = rows.shape[0]
+
+    def columns(lo, size):
+        rel = lo + jnp.arange(size) - start
+        is_new = (rel >= 0) & (rel < n)
+        new = jnp.take(rows, jnp.clip(rel, 0, n - 1), axis=0).astype(base.dtype)
+        return jnp.where(is_new[:, None], new, base.columns(lo, size).astype(base.dtype))
+
+    return base._replace(columns=columns)
+
+
+def _loss_sums(graphdef, frozen, params, batch, *, start, compute_dtype, prefix=0, loss_chunk=0):
     model = set_compute_dtype(nnx.merge(graphdef, frozen), compute_dtype)
     h = _ground_hidden(model, params, start, batch.input_ids, batch.attention_mask, prefix)
-    return hidden_lm_loss(h, batch, lambda x: _ground_head(model, params, start, x))
+    return hidden_lm_loss(
+        h,
+        batch,
+        lambda x: _ground_head(model, params, start, x),
+        vocab=_ground_vocab(model, params, start),
+        loss_chunk=loss_chunk,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,6 +497,7 @@ class GroundStep(CompiledStep):
         split_prefix=True,
         max_prefix=None,
         compute=None,
+        loss_chunk=0,
     ):
         start, n = _check_ids(new_ids)
         if grad_accum < 1:
@@ -509,6 +533,7 @@ class GroundStep(CompiledStep):
                 start=start,
                 compute_dtype=compute_dtype,
                 prefix=prefix,
+                loss_chunk=loss_chunk,
             )
 
         shardings = {}
@@ -615,6 +640,7 @@ def make_ground_step(
     split_prefix: bool = True,
     max_prefix: int | None = None,
     compute: Any = None,
+    loss_chunk: int = 0,
 ) -> GroundStep:
     """Builds the compiled GTI step: only the new rows train, the model state stays frozen.
 
@@ -646,6 +672,8 @@ def make_ground_step(
             kernel and remat of the backbone, and ``param_dtype``, the dtype the frozen model
             state is kept in (the trained rows and their optimizer stay float32: they are
             their own master copy, ``N x D`` numbers); None: the defaults.
+        loss_chunk: vocabulary columns per chunk of the loss (``compute.loss_chunk``; 0:
+            automatic, see :func:`gti_jax.train.xent.loss_chunk_size`).
 
     Returns:
         A :class:`GroundStep`: ``params, opt_state = step.init(params)``, then
@@ -671,6 +699,7 @@ def make_ground_step(
         split_prefix=split_prefix,
         max_prefix=max_prefix,
         compute=compute,
+        loss_chunk=loss_chunk,
     )
 
 
@@ -753,6 +782,7 @@ def ground_step_from_config(
         rules=rules,
         max_prefix=max_prefix,
         compute=cfg.compute,
+        loss_chunk=cfg.compute.loss_chunk,
     )
 
 

@@ -47,6 +47,7 @@ from gti_jax.models.llama import configure_compute
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
 from gti_jax.train.config import ComputeConfig, SFTConfig
 from gti_jax.train.data import Batch
+from gti_jax.train.xent import VocabHead, ce_sums, chunked_ce_sums, loss_chunk_size, model_head
 
 __all__ = [
     "CompiledStep",
@@ -109,20 +110,16 @@ def masked_lm_loss(
         >>> round(float(s / n), 4), float(n)  # uniform over 4 classes: log 4
         (1.3863, 2.0)
     """
-    return _ce_sums(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
-
-
-def _ce_sums(logits, targets, weights):
-    """Weighted cross-entropy sums of ``[..., V]`` logits at ``[...]`` targets, in float32."""
-    logits = logits.astype(jnp.float32)
-    weights = weights.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum((lse - picked) * weights), jnp.sum(weights)
+    return ce_sums(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
 
 
 def hidden_lm_loss(
-    h: jax.Array, batch: Batch, head: Callable[[jax.Array], jax.Array]
+    h: jax.Array,
+    batch: Batch,
+    head: Callable[[jax.Array], jax.Array],
+    *,
+    vocab: VocabHead | None = None,
+    loss_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`masked_lm_loss` from final hidden states ``[B, T, D]`` and a vocabulary head.
 
@@ -131,10 +128,17 @@ def hidden_lm_loss(
     ``L / T`` of the full one (completions are short: a few semantic-ID tokens after a long
     prompt); the result equals the full computation. Without it, every position is projected.
 
+    With `vocab` (the same head by columns) the logits are computed in chunks of columns when
+    :func:`gti_jax.train.xent.loss_chunk_size` says so (``compute.loss_chunk``; automatic past
+    256 MiB of logits), so no ``[targets, V]`` buffer is ever built; the sums equal the
+    unchunked ones up to float32 rounding.
+
     Args:
         h: final hidden states.
         batch: the batch (``input_ids``, ``loss_mask`` and optionally ``targets``).
         head: ``[B, L, D] -> [B, L, V]`` logits (e.g. ``model.logits``).
+        vocab: `head` as a :class:`~gti_jax.train.xent.VocabHead`, for the chunked loss.
+        loss_chunk: ``compute.loss_chunk`` (0: automatic).
 
     Returns:
         ``(loss_sum, num_targets)``, float32 scalars.
@@ -146,20 +150,31 @@ def hidden_lm_loss(
         (1.3863, 2.0)
     """
     if batch.targets is None:
+        picked_h = h[:, :-1]
+        targets, weights = batch.input_ids[:, 1:], batch.loss_mask[:, 1:]
+    else:
+        pos = batch.targets.astype(jnp.int32)
+        valid = pos >= 0
+        pos = jnp.maximum(pos, 0)
+        picked_h = jnp.take_along_axis(h, pos[..., None], axis=1)
+        targets = jnp.take_along_axis(batch.input_ids.astype(jnp.int32), pos + 1, axis=1)
+        weights = jnp.take_along_axis(batch.loss_mask.astype(jnp.float32), pos + 1, axis=1)
+        weights = jnp.where(valid, weights, 0.0)
+    if vocab is not None:
+        chunk = loss_chunk_size(math.prod(targets.shape), vocab.num_cols, loss_chunk)
+        if chunk:
+            return chunked_ce_sums(picked_h, targets, weights, vocab, chunk)
+    if batch.targets is None:  # the logits of every position, as before (bitwise)
         return masked_lm_loss(head(h), batch.input_ids, batch.loss_mask)
-    pos = batch.targets.astype(jnp.int32)
-    valid = pos >= 0
-    pos = jnp.maximum(pos, 0)
-    picked_h = jnp.take_along_axis(h, pos[..., None], axis=1)
-    targets = jnp.take_along_axis(batch.input_ids.astype(jnp.int32), pos + 1, axis=1)
-    weights = jnp.take_along_axis(batch.loss_mask.astype(jnp.float32), pos + 1, axis=1)
-    return _ce_sums(head(picked_h), targets, jnp.where(valid, weights, 0.0))
+    return ce_sums(head(picked_h), targets, weights)
 
 
-def model_lm_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def model_lm_loss(
+    model: nnx.Module, batch: Batch, *, loss_chunk: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """:func:`hidden_lm_loss` of a gti_jax causal LM on `batch` (the SFT and eval loss)."""
     h, _ = model.hidden_states(model.embed(batch.input_ids), attention_mask=batch.attention_mask)
-    return hidden_lm_loss(h, batch, model.logits)
+    return hidden_lm_loss(h, batch, model.logits, vocab=model_head(model), loss_chunk=loss_chunk)
 
 
 def accumulate_grads(
@@ -651,10 +666,6 @@ class CompiledStep:
         """One compiled step on a checked batch: ``(params, opt_state, metrics)``."""
         return self._step(params, frozen, opt_state, put_batch(batch, self._batch_sh), extra)
 
-    def eval_sums(self, params: Any, frozen: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        """``(loss_sum, num_targets)`` of one batch."""
-        return self._eval(params, frozen, put_batch(batch, self._batch_sh))
-
     def lower(
         self, params: Any, frozen: Any, batch: Batch, extra: Any, opt_state: Any = None
     ) -> jax.stages.Lowered:
@@ -752,7 +763,9 @@ class SFTStep(CompiledStep):
         traces: how many times the step was traced (compiled): once per batch shape.
     """
 
-    def __init__(self, model, tx, *, lora, compute_dtype, grad_accum, mesh, rules, compute=None):
+    def __init__(
+        self, model, tx, *, lora, compute_dtype, grad_accum, mesh, rules, compute=None, loss_chunk=0
+    ):
         if grad_accum < 1:
             raise StepError(f"grad_accum must be >= 1, got {grad_accum}")
         if lora and not _has_lora(model):
@@ -779,7 +792,7 @@ class SFTStep(CompiledStep):
             set_compute_dtype(model, compute_dtype)
             if train and dropout:
                 _train_mode(model, key)
-            return model_lm_loss(model, batch)
+            return model_lm_loss(model, batch, loss_chunk=loss_chunk)
 
         shardings = {}
         if mesh is not None:
@@ -872,6 +885,7 @@ def make_sft_step(
     mesh: Mesh | None = None,
     rules: Rules = LOGICAL_RULES,
     compute: ComputeConfig | None = None,
+    loss_chunk: int = 0,
 ) -> SFTStep:
     """Builds the compiled fine-tuning step for `model`.
 
@@ -890,6 +904,8 @@ def make_sft_step(
         rules: logical axis rules for the mesh.
         compute: the ``compute`` section: attention kernel, remat policy, parameter dtype
             (None: the defaults).
+        loss_chunk: vocabulary columns per chunk of the loss (``compute.loss_chunk``; 0:
+            automatic, see :func:`gti_jax.train.xent.loss_chunk_size`).
 
     Returns:
         An :class:`SFTStep`: ``state = step.init(model)``, then
@@ -909,4 +925,5 @@ def make_sft_step(
         mesh=mesh,
         rules=rules,
         compute=compute,
+        loss_chunk=loss_chunk,
     )

@@ -450,3 +450,55 @@ def test_description_missing_names_tokens(bad):
 def test_description_length_mismatch():
     with pytest.raises(TokenError, match="2 tokens but 1 descriptions"):
         description_token_ids(tiny_tokenizer(), ["x"], tokens=["<a>", "<b>"])
+
+
+# ---------------------------------------------------------------- batched checks
+
+
+def _broken_one_by_one(tok, tokens, ids):
+    """The per-token checks the batched `_broken_tokens` replaced (one call per token)."""
+    broken = []
+    for t, i in zip(tokens, ids, strict=True):
+        whole = tok.encode(t, add_special_tokens=False) == [i]
+        back = tok.decode([i]) == t
+        in_context = i in tok.encode(f"hello {t} world", add_special_tokens=False)
+        if not (whole and back and in_context):
+            broken.append(t)
+    return broken
+
+
+@pytest.mark.parametrize("backend", [True, False], ids=["backend_calls", "transformers_calls"])
+def test_batched_checks_find_what_per_token_checks_find(tok, backend):
+    """A mixed list (good names, word-boundary markers, Latin-1, CJK, inner spaces and
+    punctuation, a token that is a prefix of another): the batched check flags exactly the
+    tokens the per-token check flags. With clean_up_tokenization_spaces set and truncation
+    configured on the backend, the batched check must take transformers' own calls
+    (`tokenizer(list)`, per-id `decode`), and the same must hold there."""
+    from gti_jax.vocab.tokens import _add, _broken_tokens
+
+    if not backend:
+        tok.clean_up_tokenization_spaces = True
+        tok.backend_tokenizer.enable_truncation(64)
+    mixed = SEMANTIC_IDS[:40] + ["<a_1", "Ġx", "▁y", "<café>", "<日本>", "a .", "x's", "<a_1>>"]
+    mixed += ["hello", "Ġ", "é", "<b>ĠGood", "z ▁ z", "<c_9>!"]
+    mixed = [t for t in dict.fromkeys(mixed) if t not in tok.get_vocab()]
+    _add(tok, mixed, special=False)
+    ids = tok.convert_tokens_to_ids(mixed)
+    batched = _broken_tokens(tok, mixed, ids)  # first: transformers' encode resets truncation
+    expected = _broken_one_by_one(tok, mixed, ids)
+    assert 0 < len(expected) < len(mixed)  # the list really is mixed for both tokenizers
+    assert batched == expected
+
+
+def test_extended_copy_leaves_the_original_and_matches_extend_tokenizer(tok):
+    from gti_jax.vocab.tokens import extended_copy
+
+    before = _snapshot(tok)
+    new, added, ids = extended_copy(tok, ["<|im_end|>", *SEMANTIC_IDS[:50]], skip_existing=True)
+    assert _snapshot(tok) == before
+    assert added == SEMANTIC_IDS[:50]
+    assert extend_tokenizer(tok, SEMANTIC_IDS[:50]) == ids
+    assert _snapshot(new) == _snapshot(tok)
+    assert extended_copy(tok, ["<a_1>"], skip_existing=True) == (None, [], [])
+    with pytest.raises(TokenError, match="cannot be kept whole"):
+        extended_copy(tok, ["<z_1>", "<café>", "Ġx", "▁x"])
