@@ -11,8 +11,20 @@ Hugging Face families (2 layers each, float32, safetensors, with the tiny test t
 - "qwen3": untied head, per-head q/k RMSNorm, `head_dim=16` with hidden 48 and 4 heads (so
   head_dim != hidden / heads).
 
+Sliding-window families (:data:`SLIDING_FAMILIES`, window :data:`WINDOW` = 5, so the window
+cuts into a 9-token prompt and 16 generated tokens):
+
+- "mistral": `MistralForCausalLM` (read through the Llama code), untied, GQA.
+- "gemma3": `Gemma3ForCausalLM`, tied, 3 layers (local, global, local), `head_dim=16` !=
+  hidden / heads, `query_pre_attn_scalar=24` != head_dim, linear RoPE scaling on the global
+  layer, both soft-caps set (transformers' Gemma 3 ignores `attn_logit_softcapping`, and so
+  does gti_jax; the final cap applies).
+- "gemma3_released": as released Gemma 3 configs: no soft-caps, untied here (so the untied
+  head path runs), old-style `sliding_window_pattern=2` instead of `layer_types`.
+
 Weights are re-drawn with std 0.1 (norm scales around 1), so logits differ meaningfully
-between tokens and greedy decoding is not a string of ties.
+between tokens and greedy decoding is not a string of ties. Gemma 3 scales by (1 + w), so its
+norm weights are drawn around 0, and its other weights with std 0.2.
 
 Example:
     >>> d = make_tiny_hf_model(tmp_path, "qwen3")  # doctest: +SKIP
@@ -29,6 +41,9 @@ import transformers
 from tests.helpers.tokenizers import save_tiny_tokenizer
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+SLIDING_FAMILIES = ("mistral", "gemma3", "gemma3_released")
+ALL_FAMILIES = FAMILIES + SLIDING_FAMILIES
+WINDOW = 5
 
 
 def tiny_llama(
@@ -112,7 +127,58 @@ def tiny_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfi
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
             **common,
         )
-    raise ValueError(f"family={family!r}: use one of {FAMILIES}")
+    return sliding_hf_config(family, vocab_size)
+
+
+def sliding_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:
+    """The transformers config of a tiny sliding-window model (see :data:`SLIDING_FAMILIES`)."""
+    common = dict(
+        vocab_size=vocab_size,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        sliding_window=WINDOW,
+    )
+    if family == "mistral":
+        return transformers.MistralConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **common,
+        )
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(
+            hidden_size=32,
+            head_dim=16,
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,
+            tie_word_embeddings=True,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=20.0,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+            **common,
+        )
+    if family == "gemma3_released":
+        return transformers.Gemma3TextConfig(
+            hidden_size=32,
+            head_dim=8,
+            num_hidden_layers=2,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=8,
+            tie_word_embeddings=False,
+            **common,
+        )
+    raise ValueError(f"family={family!r}: use one of {ALL_FAMILIES}")
 
 
 def make_tiny_hf_model(
@@ -127,7 +193,8 @@ def make_tiny_hf_model(
 
     Args:
         tmp_path: parent directory; the model goes to `tmp_path / f"{family}-{seed}"`.
-        family: "llama", "qwen2" or "qwen3".
+        family: one of :data:`ALL_FAMILIES` ("llama", "qwen2", "qwen3", "mistral", "gemma3",
+            "gemma3_released").
         vocab_size: embedding rows; default `len(tokenizer)` ("qwen2": rounded up to a
             multiple of 64, leaving spare rows like real Qwen checkpoints).
         seed: torch seed of the weights.
@@ -136,8 +203,8 @@ def make_tiny_hf_model(
     Returns:
         The checkpoint directory (`config.json`, `model.safetensors`, tokenizer files).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r}: use one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family={family!r}: use one of {ALL_FAMILIES}")
     out = Path(tmp_path) / f"{family}-{seed}"
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
@@ -151,12 +218,13 @@ def make_tiny_hf_model(
     config = tiny_hf_config(family, vocab_size)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gemma = family.startswith("gemma3")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if name.endswith("norm.weight"):  # Gemma scales by (1 + w), the others by w
+                p.copy_((0.0 if gemma else 1.0) + 0.1 * torch.randn_like(p))
             else:
-                p.copy_(0.1 * torch.randn_like(p))
+                p.copy_((0.2 if gemma else 0.1) * torch.randn_like(p))
     model.eval()
     model.save_pretrained(str(out))
     return out
