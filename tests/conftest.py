@@ -96,7 +96,18 @@ def smollm2(smollm2_gguf):
 _SLOW_DOCTESTS = {"gti_jax.models.gguf.load_gguf", "gti_jax.models.gguf.gguf_metadata"}
 
 
+def _whole_module_slow(item) -> bool:
+    module = getattr(item, "module", None)
+    marks = getattr(module, "pytestmark", [])
+    marks = marks if isinstance(marks, list) else [marks]
+    return any(m.name == "slow" for m in marks)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if isinstance(item, pytest.DoctestItem) and item.name in _SLOW_DOCTESTS:
             item.add_marker(pytest.mark.slow)
+    # Longest first: with -n (whole files per worker, handed out in this order) a long module
+    # started last runs alone at the end while the other cores idle. Modules marked slow as a
+    # whole (trainer runs, killed and multi-process runs) go first; order is otherwise kept.
+    items.sort(key=lambda item: not _whole_module_slow(item))

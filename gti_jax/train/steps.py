@@ -666,6 +666,10 @@ class CompiledStep:
         """One compiled step on a checked batch: ``(params, opt_state, metrics)``."""
         return self._step(params, frozen, opt_state, put_batch(batch, self._batch_sh), extra)
 
+    def eval_sums(self, params: Any, frozen: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """``(loss_sum, num_targets)`` of one batch."""
+        return self._eval(params, frozen, put_batch(batch, self._batch_sh))
+
     def lower(
         self, params: Any, frozen: Any, batch: Batch, extra: Any, opt_state: Any = None
     ) -> jax.stages.Lowered:
