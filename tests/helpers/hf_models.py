@@ -84,12 +84,11 @@ def tiny_llama(
     return LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
 
 
-def tiny_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:
-    """The transformers config of a tiny model of `family` with `vocab_size` rows."""
-    common = dict(
+def _common_config(vocab_size: int) -> dict:
+    """The settings every tiny family shares (sizes, norm epsilon, special token ids)."""
+    return dict(
         vocab_size=vocab_size,
         intermediate_size=64,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
@@ -98,6 +97,11 @@ def tiny_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfi
         eos_token_id=0,
         pad_token_id=0,
     )
+
+
+def tiny_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:
+    """The transformers config of a tiny model of `family` with `vocab_size` rows."""
+    common = dict(_common_config(vocab_size), num_hidden_layers=2)
     if family == "llama":
         return transformers.LlamaConfig(
             hidden_size=32,
@@ -133,15 +137,7 @@ def tiny_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfi
 def sliding_hf_config(family: str, vocab_size: int) -> transformers.PretrainedConfig:
     """The transformers config of a tiny sliding-window model (see :data:`SLIDING_FAMILIES`)."""
     common = dict(
-        vocab_size=vocab_size,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
+        _common_config(vocab_size),
         sliding_window=WINDOW,
     )
     if family == "mistral":
