@@ -183,8 +183,11 @@ def _check_existing(out: Path, recorded: dict[str, Any]) -> bool:
         raise PrepareError(
             f"{stats_path} is unreadable or incomplete; delete {out} and prepare again"
         ) from None
-    if old != recorded:
-        keys = ", ".join(_diff(old, recorded)) or "?"
+    # A setting the record lacks was added to gti_jax later; unset (None), it prepares what
+    # the older version did, so only settings whose values differ count.
+    differing = _diff(old, recorded)
+    if differing:
+        keys = ", ".join(differing)
         raise PrepareError(
             f"{out} was prepared with other settings (differing: {keys}); use another output "
             "directory or delete it to prepare again"

@@ -172,6 +172,15 @@ def _check_run_dir(cfg: TrainConfig) -> Path:
     resolved = _comparable(config_to_dict(cfg), whole)
     if saved.is_file():
         before = _comparable(yaml.safe_load(saved.read_text()) or {}, whole)
+        # A key the saved config lacks was added to gti_jax after that run started; the
+        # run behaved as its default does, so the default resumes it.
+        try:
+            defaults = _comparable(config_to_dict(type(cfg)()), whole)
+        except TypeError:  # a schema with required fields has no default config
+            defaults = {}
+        for key in set(resolved) - set(before):
+            if key in defaults and resolved[key] == defaults[key]:
+                before[key] = resolved[key]
         if not cfg.resume:
             raise TrainError(
                 f"run_dir {run_dir} already holds a run; remove it, choose another run_dir, or set resume=true to continue it"
