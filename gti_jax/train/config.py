@@ -377,6 +377,12 @@ class LogConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases."""
 
+    plots: bool = True
+    """Draw the PNGs (spectra, cosine heatmaps per stage, loss.png) during the run. false:
+    only the numbers and arrays behind them are written (diagnostics.json, diagnostics/),
+    which saves ~1-5 s of matplotlib per stage; `python -m gti_jax.diagnose RUN_DIR` draws
+    every PNG afterwards from them."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:

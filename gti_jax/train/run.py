@@ -250,6 +250,7 @@ _RESUME_FREE = (
     "log.wandb.entity",
     "log.wandb.name",
     "log.wandb.tags",
+    "log.plots",
 )
 
 
@@ -607,6 +608,7 @@ def _extend(cfg: TrainConfig, run_dir: Path, log: RunLog, model, tokenizer, inpu
                 decode=decode,
                 old_ids=range(num_tokens),
                 tokens=to_add,
+                draw=cfg.log.plots,
             )
             top = {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
             log.scalars("diagnostics", top, at_step.get(stage, last))
@@ -648,7 +650,7 @@ def _evaluate(cfg: TrainConfig, run_dir: Path, log: RunLog, model, evaluator, t_
     if writer:
         atomic_write_json(run_dir / "results.json", results)
         log.scalars("eval", results, cfg.ground.steps + cfg.sft.steps)
-        if _has_metrics(run_dir):  # no training stage ran: no loss curve to draw
+        if cfg.log.plots and _has_metrics(run_dir):  # no training stage: no loss curve
             diagnose.plot_loss(run_dir)
     log.finish("evaluate", time.perf_counter() - t0)
     return results

@@ -28,7 +28,8 @@ def _tiny_run(task, tmp_path_factory):
         exported = capture_export(mp)
         # a loss line for every step: a resumed run's curve can be compared line by line;
         # TensorBoard too (it changes nothing else; test_tracking_run.py reads it back)
-        args = [*task.args, "log_every=1", "log.tensorboard=true", f"run_dir={run_dir}"]
+        args = [*task.args, "log_every=1", "log.tensorboard=true", "log.plots=true"]
+        args.append(f"run_dir={run_dir}")
         run(load_config(None, args))
     return run_dir, exported["model"]
 
@@ -36,7 +37,7 @@ def _tiny_run(task, tmp_path_factory):
 @pytest.fixture
 def tiny_run(_tiny_run):
     """The run directory of one uninterrupted run of the whole tiny task (``task.args``,
-    ``log_every=1`` and ``log.tensorboard=true``: grounding, LoRA fine-tuning, evaluation,
+    ``log_every=1``, ``log.tensorboard=true`` and ``log.plots=true``: grounding, LoRA fine-tuning, evaluation,
     export), made once per session in this process: the reference the resume and
     damaged-checkpoint tests must reproduce bit for bit, and the run whose artifacts
     test_train.py and test_tracking_run.py check. Read-only, like `task`."""

@@ -27,9 +27,10 @@ from tests.helpers.tiny_task import train_command, train_env
 
 
 def _args(task, run_dir, *extra, ground=0, sft=0, eval_=False, candidates=False):
-    """Overrides running only the stages asked for (later `extra` ones win)."""
+    """Overrides running only the stages asked for (later `extra` ones win), drawing the
+    figures (whether loss.png is drawn is part of what these tests check)."""
     stages = task.stage_args(ground=ground, sft=sft, eval_=eval_, candidates=candidates)
-    return [*stages, f"run_dir={run_dir}", *extra]
+    return [*stages, f"run_dir={run_dir}", "log.plots=true", *extra]
 
 
 def _one_error_line(err: str) -> str:
@@ -226,6 +227,23 @@ def test_sft_only(task, tmp_path, capsys):
     assert stages["sft"]["done"] and "ground" not in stages
     assert (run_dir / "loss.png").is_file()
     assert not (run_dir / "grounded_rows.safetensors").exists()
+
+
+@pytest.mark.slow  # trains
+def test_without_plots_the_numbers_are_kept_and_redraw_draws_them(task, tmp_path, capsys):
+    """log.plots=false draws nothing but keeps what every figure is drawn from, and
+    ``python -m gti_jax.diagnose RUN_DIR`` draws them all afterwards."""
+    from gti_jax.diagnose import main as diagnose_main
+
+    run_dir = tmp_path / "run"
+    argv = _args(task, run_dir, "export.hf=false", "log.plots=false", ground=2, sft=2)
+    rc, err = _main(argv, capsys)
+    assert rc == 0, err[-3000:]
+    assert not list(run_dir.rglob("*.png"))
+    assert set(json.loads((run_dir / "diagnostics.json").read_text())) == {"init", "ground", "sft"}
+    assert diagnose_main([str(run_dir)]) == 0
+    for png in ("loss.png", "spectra.png", "cosine_init.png", "new_cosine_sft.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 def test_nothing_but_export(task, tmp_path, capsys):

@@ -50,6 +50,8 @@ SETTINGS = (
     "checkpoint.every=2",
     "log_every=2",
     "pad_to_multiple_of=8",
+    # matplotlib is seconds per stage; the tests that look at the figures turn it back on
+    "log.plots=false",
 )
 
 
