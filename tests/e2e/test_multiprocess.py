@@ -61,7 +61,8 @@ def two_process_run(task, tmp_path_factory):
     procs = []
     for i in range(2):
         # each process gets its own 4 fake devices before it imports jax
-        env = train_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+        flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+        env = train_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
         cmd = [
             sys.executable,
             "-m",
