@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["BadInput", "ConfigError", "GtiError", "RunFailed"]
+__all__ = ["BadInput", "CheckpointError", "ConfigError", "GtiError", "RunFailed"]
 
 
 class GtiError(Exception):
@@ -37,3 +37,8 @@ class RunFailed(GtiError):
 class ConfigError(BadInput):
     """A configuration problem (a run's config keys, or a model's ``config.json``), reported
     as one line naming the key and the fix."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or grounded-rows file cannot be written or read as asked (one line
+    naming the fix). Raised by :mod:`gti_jax.train.checkpoint` and :mod:`gti_jax.io.rows`."""

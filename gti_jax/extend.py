@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from gti_jax import config as engine
-from gti_jax.errors import BadInput
+from gti_jax.errors import BadInput, CheckpointError
 from gti_jax.io import safetensors as st
 from gti_jax.io.atomic import atomic_dir
+from gti_jax.io.rows import HEAD_ROWS_FILE, checked_rows
 from gti_jax.vocab import initializers as inits
 from gti_jax.vocab.resize import (
     EmbeddingSpec,
@@ -221,7 +222,6 @@ def _write_checkpoint(
 
 def _read_rows(rows, ckpt: Checkpoint, p: _Plan) -> dict[str, tuple[list[int], np.ndarray]]:
     """The grounded rows to apply, per HF tensor name, checked before any heavy work."""
-    from gti_jax.train.checkpoint import HEAD_ROWS_FILE, CheckpointError, checked_rows
 
     token_ids = dict(ckpt.tokenizer.get_vocab())
     token_ids.update(zip(p.to_add, p.resize.new_ids, strict=True))
@@ -253,7 +253,6 @@ def _with_rows(resized: dict[str, np.ndarray], grounded) -> dict[str, np.ndarray
 def _rows_sources(rows, grounded) -> dict[str, Path]:
     if rows is None:
         return {}
-    from gti_jax.train.checkpoint import HEAD_ROWS_FILE
 
     head = Path(rows).with_name(HEAD_ROWS_FILE)
     return {n: Path(rows) if n.startswith("model.") else head for n in grounded}

@@ -38,6 +38,7 @@ orbax, transformers, torch; no install, no download)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -70,6 +71,7 @@ from gti_jax.models.config import LlamaConfig  # noqa: E402
 from gti_jax.models.decode import TrieConstraint, beam_search  # noqa: E402
 from gti_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM  # noqa: E402
 from gti_jax.models.llama import LlamaForCausalLM, configure_compute  # noqa: E402
+from gti_jax.plan.shapes import MODEL_SHAPES  # noqa: E402
 from gti_jax.train.config import ComputeConfig, GroundConfig, SFTConfig  # noqa: E402
 from gti_jax.train.data import Batch  # noqa: E402
 from gti_jax.train.ground import ground_optimizer, make_ground_step, split_new_rows  # noqa: E402
@@ -95,34 +97,8 @@ PEAK_TFLOPS = (
 )
 
 # The real shapes (config.json values of HuggingFaceTB/SmolLM2-135M and Qwen/Qwen3-0.6B).
-SHAPES = {
-    "SmolLM2-135M": dict(
-        model_type="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-    ),
-    "Qwen3-0.6B": dict(
-        model_type="qwen3",
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        qk_norm=True,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-    ),
-}
+# The shapes checked, by their names in gti_jax.plan's table of public config.json files.
+SHAPES = {"SmolLM2-135M": "smollm2-135m", "Qwen3-0.6B": "qwen3-0.6b"}
 # --cpu: the same families at tiny sizes (the same code paths, seconds instead of minutes).
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 
@@ -305,7 +281,9 @@ def parity_rows(accel: jax.Device, cpu: jax.Device) -> list[dict]:
 
 
 def _config(name: str, cpu: bool) -> LlamaConfig:
-    values = dict(SHAPES[name])
+    values = dataclasses.asdict(LlamaConfig.from_hf_dict(MODEL_SHAPES[SHAPES[name]]))
+    # random weights, no tokenizer: no special token ids (they may not fit the --cpu table)
+    values.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if cpu:
         values.update(TINY, num_attention_heads=4, num_key_value_heads=2)
         if "head_dim" in values:

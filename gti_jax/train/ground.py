@@ -41,8 +41,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from gti_jax.errors import BadInput
+from gti_jax.io.rows import save_rows
 from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
-from gti_jax.train.checkpoint import save_rows
 from gti_jax.train.config import GroundConfig
 from gti_jax.train.data import Batch
 from gti_jax.train.loop import (

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 from gti_jax import diagnose
-from gti_jax.errors import BadInput
-from gti_jax.train.checkpoint import HEAD_ROWS_FILE, CheckpointError, checked_rows
+from gti_jax.errors import BadInput, CheckpointError
+from gti_jax.io.rows import HEAD_ROWS_FILE, checked_rows
 from gti_jax.train.config import TrainConfig
 from gti_jax.train.data import Example, encode_examples, read_candidates, read_examples
 from gti_jax.train.evaluate import Evaluator
