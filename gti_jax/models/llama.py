@@ -36,9 +36,10 @@ the decoders here have at most a few dozen layers, so unrolled compile time is a
 
 With a mesh (`gti_jax.models.sharding.shard_activations`, which the training steps and
 `shard_model` call), the residual stream `[B, T, D]` (the input, every layer's output, the
-final norm) is constrained to the logical axes `(batch, seq, None)` and the logits `[B, T, V]`
-to `(batch, seq, vocab)`: rows over the batch mesh axes, the model dimension replicated, so
-the partitioner all-gathers fsdp-sharded weights instead of splitting the contraction over
+final norm) is constrained to the logical axes `(activation_batch, seq, None)` and the logits
+`[B, T, V]` to `(activation_batch, seq, vocab)`: rows over the batch mesh axes (the default
+rules; `activation_batch: null` turns it off), the model dimension replicated, so the
+partitioner all-gathers fsdp-sharded weights instead of splitting the contraction over
 them (see `gti_jax.models.sharding.constrain`). D stays replicated rather than following
 `embed`: `embed` maps to fsdp, which already splits the rows, and an fsdp-sharded residual
 is the layout that makes every matmul a partial sum (MaxText's `activation_embed` is likewise
@@ -708,12 +709,12 @@ class LlamaForCausalLM(nnx.Module):
             kernel = self.lm_head.kernel[...].astype(self.dtype)
             raw = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
         return self.finish_logits(
-            constrain(raw, ("batch", "seq", "vocab"), self.activation_sharding)
+            constrain(raw, ("activation_batch", "seq", "vocab"), self.activation_sharding)
         )
 
     def _constrain(self, x: Array) -> Array:
         """The residual stream `[B, T, D]` pinned to its rows' shards (module docstring)."""
-        return constrain(x, ("batch", "seq", None), self.activation_sharding)
+        return constrain(x, ("activation_batch", "seq", None), self.activation_sharding)
 
     def finish_logits(self, raw: Array) -> Array:
         """What the family does to `h @ head` before it is a logit (nothing here; Gemma 3

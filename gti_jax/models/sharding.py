@@ -56,6 +56,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: Mapping[str, MeshAxes] = MappingProxyType(
     {
         "batch": ("data", "fsdp"),
+        # The rows of the activations inside the model (residual stream, logits): pinned to
+        # the batch axes so that fsdp all-gathers weights (see `constrain`); null turns the
+        # constraints off and leaves the layout to XLA's partitioner.
+        "activation_batch": ("data", "fsdp"),
         "vocab": "tensor",
         "embed": "fsdp",
         "heads": "tensor",
@@ -251,7 +255,8 @@ class ActivationSharding:
 def constrain(x: jax.Array, names: Sequence[str | None], where: ActivationSharding | None):
     """`x` constrained (`jax.lax.with_sharding_constraint`) to the sharding its logical names
     give under `where`; `x` unchanged when `where` is None, when the rules shard nothing on this
-    mesh, or when `x`'s leading (batch) dimension does not divide over its mesh axes.
+    mesh (e.g. ``activation_batch: null``), or when `x`'s leading (rows) dimension does not
+    divide over its mesh axes.
 
     Why it exists: given weights sharded on ``embed -> fsdp`` and nothing said about the
     activations, XLA's SPMD partitioner may keep the weights in place and contract over the
@@ -265,7 +270,7 @@ def constrain(x: jax.Array, names: Sequence[str | None], where: ActivationShardi
     Example:
         >>> mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
         >>> x = jax.numpy.ones((2, 3))
-        >>> constrain(x, ("batch", None), None) is x  # no mesh: nothing to do
+        >>> constrain(x, ("activation_batch", None), None) is x  # no mesh: nothing to do
         True
     """
     if where is None:

@@ -27,7 +27,7 @@ from gti_jax.plan import build
 from gti_jax.train.lora import apply_lora
 from tests.helpers.hf_models import tiny_llama
 
-NAMES = ("batch", "seq", None)
+NAMES = ("activation_batch", "seq", None)
 
 
 def _spec(x: jax.Array) -> P:
@@ -44,9 +44,12 @@ def test_constrain_pins_rows_and_skips_what_does_not_divide():
     odd = jnp.ones((6, 3, 5))
     assert constrain(odd, NAMES, where) is odd
     assert constrain(odd, NAMES, None) is odd
-    # rules that shard nothing on this mesh: no constraint either
+    # rules that shard nothing on this mesh (the off switch `activation_batch: null`, or an
+    # axis the mesh lacks): no constraint either
     x = jnp.ones((8, 3, 5))
-    assert constrain(x, NAMES, ActivationSharding.of(mesh, {"batch": "tensor"})) is x
+    off = dict(LOGICAL_RULES, activation_batch=None)
+    assert constrain(x, NAMES, ActivationSharding.of(mesh, off)) is x
+    assert constrain(x, NAMES, ActivationSharding.of(mesh, {"activation_batch": "tensor"})) is x
 
 
 def test_the_model_carries_it_through_split_merge_and_lora():
