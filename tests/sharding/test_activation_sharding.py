@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from gti_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 from gti_jax.models.sharding import (
     LOGICAL_RULES,
     ActivationSharding,
@@ -52,9 +53,32 @@ def test_constrain_pins_rows_and_skips_what_does_not_divide():
     assert constrain(x, NAMES, ActivationSharding.of(mesh, {"activation_batch": "tensor"})) is x
 
 
-def test_the_model_carries_it_through_split_merge_and_lora():
+def _gemma3():
+    config = Gemma3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=("sliding_attention", "full_attention"),
+    )
+    return Gemma3ForCausalLM(config, rngs=nnx.Rngs(0))
+
+
+# every family the trainer builds (gti_jax.models.families.model_class)
+FAMILIES = {
+    "llama": lambda: tiny_llama(64, hidden_size=32, heads=4, kv_heads=2, tied=False),
+    "gemma3": _gemma3,
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_model_carries_it_through_split_merge_and_lora(family):
     mesh = make_mesh({"data": 2, "fsdp": 4})
-    model = tiny_llama(64, hidden_size=32, heads=4, kv_heads=2, tied=False)
+    model = FAMILIES[family]()
     assert model.activation_sharding is None  # one device: nothing constrained
     sharded = shard_model(model, mesh)
     assert model.activation_sharding is None  # the input model is left alone
@@ -67,6 +91,8 @@ def test_the_model_carries_it_through_split_merge_and_lora():
     ids = jnp.zeros((8, 5), jnp.int32)
     h, _ = nnx.jit(lambda m, ids: m.hidden_states(m.embed(ids)))(merged, ids)
     assert _spec(h)[0] == ("data", "fsdp")
+    logits = nnx.jit(lambda m, ids: m(ids))(merged, ids)
+    assert _spec(logits)[0] == ("data", "fsdp")
     assert shard_activations(merged, None).activation_sharding is None
 
 
