@@ -39,7 +39,7 @@ def test_constrain_pins_rows_and_skips_what_does_not_divide():
     mesh = make_mesh({"data": 2, "fsdp": 4})
     where = ActivationSharding.of(mesh, LOGICAL_RULES)
     f = jax.jit(lambda x: constrain(x * 2, NAMES, where))
-    assert _spec(f(jnp.ones((8, 3, 5))))[0] == ("data", "fsdp")  # D and T replicated
+    assert _spec(f(jnp.ones((8, 3, 5)))) == P(("data", "fsdp"))  # T and D replicated
     # 6 rows do not split 8 ways (beam rows, padded evaluation): left to the partitioner,
     # not forced to replicate and not an error
     odd = jnp.ones((6, 3, 5))
