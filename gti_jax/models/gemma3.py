@@ -377,6 +377,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.layer_inv_freq = config.layer_inv_freqs()
         self.layer_window = config.layer_windows()
         self.remat = "none"  # see LlamaForCausalLM
+        self.activation_sharding = None  # see LlamaForCausalLM
         self.inv_freq = self.layer_inv_freq[0]
         # HF multiplies by sqrt(D) cast to the weights' dtype (bf16 rounds 55.43 to 55.5).
         self.embed_scale = float(np.asarray(math.sqrt(config.hidden_size), param_dtype))

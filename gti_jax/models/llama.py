@@ -34,6 +34,17 @@ extending the table extends the head too.
 Layers live in an `nnx.List` (not `nnx.scan`): paths keep the checkpoint's layer index, and
 the decoders here have at most a few dozen layers, so unrolled compile time is acceptable.
 
+With a mesh (`gti_jax.models.sharding.shard_activations`, which the training steps and
+`shard_model` call), the residual stream `[B, T, D]` (the input, every layer's output, the
+final norm) is constrained to the logical axes `(activation_batch, seq, None)` and the logits
+`[B, T, V]` to `(activation_batch, seq, vocab)`: rows over the batch mesh axes (the default
+rules; `activation_batch: null` turns it off), the model dimension replicated, so the
+partitioner all-gathers fsdp-sharded weights instead of splitting the contraction over
+them (see `gti_jax.models.sharding.constrain`). D stays replicated rather than following
+`embed`: `embed` maps to fsdp, which already splits the rows, and an fsdp-sharded residual
+is the layout that makes every matmul a partial sum (MaxText's `activation_embed` is likewise
+not an fsdp axis).
+
 Decoding uses an explicit functional KV cache (`KVCache`, see `LlamaForCausalLM.init_cache`).
 Each layer has a static RoPE table and sliding window (`layer_inv_freq`, `layer_window`); a
 window `w` lets a token attend to itself and the `w - 1` cache slots before it (the cache
@@ -58,6 +69,7 @@ import numpy as np
 from flax import nnx
 
 from gti_jax.models.config import ConfigError, LlamaConfig
+from gti_jax.models.sharding import constrain
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -571,6 +583,9 @@ class LlamaForCausalLM(nnx.Module):
         self.layer_inv_freq = (self.inv_freq,) * config.num_hidden_layers
         self.layer_window = (config.sliding_window,) * config.num_hidden_layers
         self.remat = "none"  # REMAT_POLICIES key; set by `configure_compute`
+        # An ActivationSharding or None (one device: no constraints); static, set by
+        # `gti_jax.models.sharding.shard_activations`.
+        self.activation_sharding = None
 
     @property
     def num_rows(self) -> int:
@@ -639,7 +654,7 @@ class LlamaForCausalLM(nnx.Module):
         """
         b, t, _ = x.shape
         mask_in = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        x = x.astype(self.dtype)
+        x = self._constrain(x.astype(self.dtype))
         if cache is None:
             if positions is None:
                 positions = default_positions(mask_in)
@@ -667,8 +682,9 @@ class LlamaForCausalLM(nnx.Module):
                 ropes[inv_freq] = _rope_cos_sin(np.asarray(inv_freq, np.float32), positions)
             cos, sin = ropes[inv_freq]
             x, new_kv = call(layer, x, cos, sin, masks[window], kv, index)
+            x = self._constrain(x)
             new_kvs.append(new_kv)
-        x = self.norm(x)
+        x = self._constrain(self.norm(x))
         if cache is None:
             return x, None
         new_cache = KVCache(
@@ -692,7 +708,13 @@ class LlamaForCausalLM(nnx.Module):
         else:
             kernel = self.lm_head.kernel[...].astype(self.dtype)
             raw = jnp.einsum("btd,dv->btv", h, kernel, preferred_element_type=jnp.float32)
-        return self.finish_logits(raw)
+        return self.finish_logits(
+            constrain(raw, ("activation_batch", "seq", "vocab"), self.activation_sharding)
+        )
+
+    def _constrain(self, x: Array) -> Array:
+        """The residual stream `[B, T, D]` pinned to its rows' shards (module docstring)."""
+        return constrain(x, ("activation_batch", "seq", None), self.activation_sharding)
 
     def finish_logits(self, raw: Array) -> Array:
         """What the family does to `h @ head` before it is a logit (nothing here; Gemma 3

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gti_jax.errors import BadInput
 
 __all__ = [
+    "ActivationSharding",
     "LOGICAL_RULES",
     "MESH_AXES",
     "MeshError",
@@ -35,6 +37,8 @@ __all__ = [
     "logical_axes",
     "state_shardings",
     "cache_shardings",
+    "constrain",
+    "shard_activations",
     "shard_model",
     "create_sharded_model",
     "host_array",
@@ -52,6 +56,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES: Mapping[str, MeshAxes] = MappingProxyType(
     {
         "batch": ("data", "fsdp"),
+        # The rows of the activations inside the model (residual stream, logits): pinned to
+        # the batch axes so that fsdp all-gathers weights (see `constrain`); null turns the
+        # constraints off and leaves the layout to XLA's partitioner.
+        "activation_batch": ("data", "fsdp"),
         "vocab": "tensor",
         "embed": "fsdp",
         "heads": "tensor",
@@ -222,8 +230,87 @@ def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+    """Where a model's activations live: the mesh and the rules (hashable, so a model holding
+    it as a static attribute keeps a hashable graph definition; see :func:`shard_activations`).
+    """
+
+    mesh: Mesh
+    rules: tuple[tuple[str, MeshAxes], ...]
+
+    @classmethod
+    def of(cls, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> ActivationSharding:
+        """From a mesh and a rules table (lists of axes, as a YAML config gives, become tuples).
+
+        Example:
+            >>> mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+            >>> ActivationSharding.of(mesh, {"batch": ["data", "fsdp"]}).rules
+            (('batch', ('data', 'fsdp')),)
+        """
+        fix = lambda a: a if a is None or isinstance(a, str) else tuple(a)  # noqa: E731
+        return cls(mesh, tuple((k, fix(v)) for k, v in _as_dict(rules).items()))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], where: ActivationSharding | None):
+    """`x` constrained (`jax.lax.with_sharding_constraint`) to the sharding its logical names
+    give under `where`; `x` unchanged when `where` is None, when the rules shard nothing on this
+    mesh (e.g. ``activation_batch: null``), or when `x`'s leading (rows) dimension does not
+    divide over its mesh axes.
+
+    Why it exists: given weights sharded on ``embed -> fsdp`` and nothing said about the
+    activations, XLA's SPMD partitioner may keep the weights in place and contract over the
+    sharded model dimension, so that every device holds the activations of the whole global
+    batch and all-reduces activation-sized partial sums. Pinning the batch dimension of the
+    residual stream and the logits to the batch axes makes it all-gather the weights instead
+    (FSDP). A leading dimension that does not divide (beam rows, padded evaluation rows) is left
+    to the partitioner rather than forced to replicate; other dimensions that do not divide
+    are replicated, as `logical_to_spec` does for parameters.
+
+    Example:
+        >>> mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+        >>> x = jax.numpy.ones((2, 3))
+        >>> constrain(x, ("activation_batch", None), None) is x  # no mesh: nothing to do
+        True
+    """
+    if where is None:
+        return x
+    full = logical_to_spec(names, where.rules, where.mesh)
+    spec = logical_to_spec(names, where.rules, where.mesh, x.shape)
+    if spec[0] != full[0] or all(axes is None for axes in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(where.mesh, spec))
+
+
+def shard_activations(model: nnx.Module, mesh: Mesh | None, rules: Rules = LOGICAL_RULES):
+    """Makes `model` constrain its activations to `mesh` (in place; returns it): every module
+    with an ``activation_sharding`` attribute (the gti_jax causal LMs) gets an
+    :class:`ActivationSharding` (None when `mesh` is None: no constraints, the default).
+
+    The attribute is static, so it lives in the graph definition: a model merged from it
+    anywhere (a step's compiled function, `nnx.split`/`merge`, LoRA wrapping) constrains the
+    same way. The training steps set it whenever they are given a mesh; `shard_model` and
+    `create_sharded_model` set it on the models they return.
+
+    Example:
+        >>> from gti_jax.models import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                   num_hidden_layers=1, num_attention_heads=2)
+        >>> mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+        >>> model = shard_activations(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
+        >>> model.activation_sharding.mesh is mesh
+        True
+    """
+    where = None if mesh is None else ActivationSharding.of(mesh, rules)
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "activation_sharding"):
+            module.activation_sharding = where
+    return model
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:
-    """Returns a new model whose parameters are placed by the rules on `mesh`.
+    """Returns a new model whose parameters are placed by the rules on `mesh`, and whose
+    activations are constrained to it (:func:`shard_activations`).
 
     Args:
         model: a concrete NNX model.
@@ -242,11 +329,12 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> 
     """
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, state_shardings(state, mesh, rules))
-    return nnx.merge(graphdef, state)
+    return shard_activations(nnx.merge(graphdef, state), mesh, rules)
 
 
 def create_sharded_model(make_model, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:
-    """Builds a model directly in its sharded placement (never whole on one device).
+    """Builds a model directly in its sharded placement (never whole on one device), its
+    activations constrained to the mesh (:func:`shard_activations`).
 
     Args:
         make_model: a zero-argument function returning a freshly initialized model, e.g.
@@ -269,7 +357,7 @@ def create_sharded_model(make_model, mesh: Mesh, rules: Rules = LOGICAL_RULES) -
     shardings = state_shardings(abs_state, mesh, rules)
 
     init = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)
-    return nnx.merge(graphdef, init())
+    return shard_activations(nnx.merge(graphdef, init()), mesh, rules)
 
 
 # --------------------------------------------------------------------------------------------

@@ -513,8 +513,8 @@ class GroundStep(CompiledStep):
                 f"new_ids {new_ids} exceed the embedding's {model.num_rows} rows; resize the "
                 "vocabulary before grounding"
             )
-        if compute is not None:  # attention kernel and remat live in the graph definition
-            graphdef = nnx.split(set_compute(model, compute))[0]
+        if compute is not None or mesh is not None:  # they live in the graph definition
+            graphdef = nnx.split(set_compute(model, compute, mesh, rules))[0]
         self.param_dtype = param_dtype_of(compute)
         if self.param_dtype != jnp.float32:  # the backbone kept in bf16; the rows stay float32
             frozen_state = cast_params(frozen_state, self.param_dtype)

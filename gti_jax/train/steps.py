@@ -44,7 +44,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gti_jax.errors import BadInput
 from gti_jax.models.llama import configure_compute
-from gti_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, state_shardings
+from gti_jax.models.sharding import (
+    LOGICAL_RULES,
+    Rules,
+    logical_to_spec,
+    shard_activations,
+    state_shardings,
+)
 from gti_jax.train.config import ComputeConfig, SFTConfig
 from gti_jax.train.data import Batch
 from gti_jax.train.xent import VocabHead, ce_sums, chunked_ce_sums, loss_chunk_size, model_head
@@ -304,15 +310,25 @@ def param_dtype_of(compute: ComputeConfig | None) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def set_compute(model: nnx.Module, compute: ComputeConfig | None) -> nnx.Module:
-    """Sets ``compute.attention`` and ``compute.remat`` on `model`'s modules (in place;
-    returns it; None leaves it as it is).
+def set_compute(
+    model: nnx.Module,
+    compute: ComputeConfig | None,
+    mesh: Mesh | None = None,
+    rules: Rules = LOGICAL_RULES,
+) -> nnx.Module:
+    """Sets ``compute.attention`` and ``compute.remat`` on `model`'s modules, and with a mesh
+    the activation sharding constraints (in place; returns it; None leaves each as it is).
 
-    Both are static attributes (`gti_jax.models.llama.configure_compute`), so they live in the
-    graph definition: a step sets them on a model it merged from the caller's arrays (new
-    module objects; the caller's model is not modified) and splits again, and every model it
-    merges from that graph definition computes that way.
+    All are static attributes (`gti_jax.models.llama.configure_compute`,
+    `gti_jax.models.sharding.shard_activations`), so they live in the graph definition: a step
+    sets them on a model it merged from the caller's arrays (new module objects; the caller's
+    model is not modified) and splits again, and every model it merges from that graph
+    definition computes that way. The constraints keep the batch dimension of the activations
+    on the batch mesh axes; without them the partitioner may keep fsdp-sharded weights in
+    place and have every device hold the whole global batch's activations.
     """
+    if mesh is not None:
+        shard_activations(model, mesh, rules)
     if compute is None:
         return model
     return configure_compute(model, attention=compute.attention, remat=compute.remat)
@@ -785,8 +801,10 @@ class SFTStep(CompiledStep):
         self.graphdef, trainable, frozen = nnx.split(model, self._filter, ...)
         if not jax.tree.leaves(trainable):
             raise StepError("the model has no trainable parameters")
-        if compute is not None:  # attention kernel and remat live in the graph definition
-            configured = set_compute(nnx.merge(self.graphdef, trainable, frozen), compute)
+        if compute is not None or mesh is not None:  # they live in the graph definition
+            configured = set_compute(
+                nnx.merge(self.graphdef, trainable, frozen), compute, mesh, rules
+            )
             self.graphdef = nnx.split(configured, self._filter, ...)[0]
         graphdef = self.graphdef
         dropout = self.dropout
