@@ -595,7 +595,11 @@ def test_lora_targets_keep_logits(ckpt):
         model, rank=2, alpha=4.0, dropout=0.0, targets=tuple(LORA_TARGETS), rngs=nnx.Rngs(0)
     )
     assert lora.layers[-1].mlp.down_proj.adapter is not None
-    np.testing.assert_allclose(_logits(lora, ids, mask), ref, atol=1e-6)
+    # B = 0 adds exact zeros, but the wrapped projections are other compiled programs: XLA
+    # may fuse and contract (FMA) their float32 arithmetic differently (it does at LLVM's
+    # level 2), so the logits agree to float32 rounding of the model's largest logits.
+    tol = 16 * np.finfo(np.float32).eps * float(np.abs(ref).max())
+    np.testing.assert_allclose(_logits(lora, ids, mask), ref, rtol=0, atol=tol)
 
 
 GEMMA = dict(
