@@ -17,6 +17,13 @@ Example::
 
 from __future__ import annotations
 
+if (
+    __name__ == "__main__"
+):  # before the heavy imports below, or the re-executed process repeats them
+    from gti_jax._env import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
 import json
 import os
 import shutil
@@ -42,6 +49,7 @@ from gti_jax.vocab.resize import (
     plan_resize,
     resize_vocab,
 )
+from gti_jax.vocab.tokenizer_dir import open_tokenizer_dir
 from gti_jax.vocab.tokens import (
     TokenEntry,
     TokenError,
@@ -91,6 +99,9 @@ def open_checkpoint(model: str) -> Checkpoint:
             f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download config.json"
         ) from None
     tensors = st.load_dir_tensors(path)
+    tokenizer, _ = open_tokenizer_dir(path)
+    if tokenizer is not None:
+        return Checkpoint(config, tensors, tokenizer, path)
     from transformers import AutoTokenizer
 
     try:
@@ -452,16 +463,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    """The ``gti-extend`` console script."""
-    from gti_jax._env import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()
-    sys.exit(main())
-
-
 if __name__ == "__main__":
-    from gti_jax._env import reexec_with_hugepage_malloc
-
-    reexec_with_hugepage_malloc()
     sys.exit(main())

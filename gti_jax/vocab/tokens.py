@@ -252,7 +252,9 @@ def _encode_each(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
         or backend.encode_special_tokens != split
     ):
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    # `encode_batch_fast` (tokenizers >= 0.20) is `encode_batch` without character offsets.
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 def _ragged(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

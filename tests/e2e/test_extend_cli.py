@@ -169,3 +169,47 @@ def test_extend_cli_subprocess_mean_cov(models, tmp_path):
     assert summary["base_num_tokens"] == n_old
     assert summary["num_tokens"] == n_old + len(NEW_TOKENS)
     assert summary["num_rows"] == rows.shape[0]
+
+
+@pytest.mark.slow  # a subprocess
+def test_tokenizer_extended_without_transformers_equals_the_transformers_path(
+    models, tmp_path, monkeypatch
+):
+    """A tokenizer directory that transformers loads as its tokenizer.json unchanged is
+    extended with the `tokenizers` library alone (gti_jax.vocab.tokenizer_dir; transformers
+    is not even imported): the checkpoint written is the one the transformers path writes."""
+    tokens = _tokens_file(tmp_path / "t.jsonl")
+
+    def args(out):
+        return ["--model", str(models["llama"]), "--tokens", str(tokens), "--out", str(out)] + [
+            "--init",
+            "description",
+        ]
+
+    code = (
+        "import sys; from gti_jax.extend import main; rc = main(sys.argv[1:]); "
+        "sys.exit(rc or 10 * ('transformers' in sys.modules))"
+    )
+    light, ref = tmp_path / "light", tmp_path / "ref"
+    r = subprocess.run(
+        [sys.executable, "-c", code, *args(light)],
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr  # 10: transformers was imported
+    monkeypatch.setattr(extend, "open_tokenizer_dir", lambda path: (None, "forced"))
+    assert extend.main(args(ref)) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (light / name).read_bytes() == (ref / name).read_bytes(), name
+    timing = ("resize_seconds", "total_seconds")
+    summaries = [json.loads((d / "gti_extend.json").read_text()) for d in (light, ref)]
+    assert [{k: v for k, v in s.items() if k not in timing} for s in summaries] == [
+        {k: v for k, v in summaries[1].items() if k not in timing}
+    ] * 2
+    a, b = (transformers.AutoTokenizer.from_pretrained(str(d)) for d in (light, ref))
+    assert len(a) == len(b) and a.get_vocab() == b.get_vocab()
+    text = f"the cat {NEW_TOKENS[0]}{NEW_TOKENS[-1]} sat <|im_end|>"
+    assert a.encode(text) == b.encode(text)
+    _check_extended(models["llama"], light, "description", 1)

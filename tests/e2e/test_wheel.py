@@ -16,7 +16,7 @@ from tests.helpers.tiny_task import REPO
 
 SCRIPTS = {
     "gti-train": "gti_jax.train.__main__:cli",
-    "gti-extend": "gti_jax.extend:cli",
+    "gti-extend": "gti_jax.cli:extend",
     "gti-prepare": "gti_jax.rec.prepare:cli",
     "gti-diagnose": "gti_jax.diagnose:cli",
 }
