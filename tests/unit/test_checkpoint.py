@@ -1,5 +1,6 @@
 """Orbax checkpoints (round trip, pruning, async, interrupted saves) and the rows artifact."""
 
+import asyncio
 import os
 import re
 import shutil
@@ -111,9 +112,20 @@ def test_steps_must_increase(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.ones(2))
 
 
-def test_interrupted_save_is_ignored(tmp_path):
+def test_interrupted_save_is_ignored(tmp_path, monkeypatch):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(5, {"w": jnp.full((3,), 5.0)}, {"stage": "ground"})
+    # orbax removes leftovers in a background thread; a slow removal (a loaded machine) must
+    # still be finished when the Checkpointer is open (it failed by chance before it waited)
+    from orbax.checkpoint._src.path import async_path
+
+    rmtree = async_path.rmtree
+
+    async def slow_rmtree(path):
+        await asyncio.sleep(0.5)
+        return await rmtree(path)
+
+    monkeypatch.setattr(async_path, "rmtree", slow_rmtree)
     # an interrupted save of step 9 (complete-looking contents, never renamed) ...
     shutil.copytree(tmp_path / "5", tmp_path / "9.orbax-checkpoint-tmp-1700000000")
     # ... and a hand-made step directory with no orbax marker
