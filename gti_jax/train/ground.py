@@ -59,6 +59,7 @@ from gti_jax.train.steps import (
     adamw_optimizer,
     cast_params,
     hidden_lm_loss,
+    loss_chunk_of,
     param_dtype_of,
     set_compute,
     set_compute_dtype,
@@ -497,7 +498,6 @@ class GroundStep(CompiledStep):
         split_prefix=True,
         max_prefix=None,
         compute=None,
-        loss_chunk=0,
     ):
         start, n = _check_ids(new_ids)
         if grad_accum < 1:
@@ -516,6 +516,7 @@ class GroundStep(CompiledStep):
         if compute is not None or mesh is not None:  # they live in the graph definition
             graphdef = nnx.split(set_compute(model, compute, mesh, rules))[0]
         self.param_dtype = param_dtype_of(compute)
+        loss_chunk = loss_chunk_of(compute)
         if self.param_dtype != jnp.float32:  # the backbone kept in bf16; the rows stay float32
             frozen_state = cast_params(frozen_state, self.param_dtype)
         self.graphdef, self.start, self.num_new, self.tied = graphdef, start, n, bool(tied)
@@ -640,7 +641,6 @@ def make_ground_step(
     split_prefix: bool = True,
     max_prefix: int | None = None,
     compute: Any = None,
-    loss_chunk: int = 0,
 ) -> GroundStep:
     """Builds the compiled GTI step: only the new rows train, the model state stays frozen.
 
@@ -671,9 +671,9 @@ def make_ground_step(
         compute: the ``compute`` section (`gti_jax.train.config.ComputeConfig`): attention
             kernel and remat of the backbone, and ``param_dtype``, the dtype the frozen model
             state is kept in (the trained rows and their optimizer stay float32: they are
-            their own master copy, ``N x D`` numbers); None: the defaults.
-        loss_chunk: vocabulary columns per chunk of the loss (``compute.loss_chunk``; 0:
-            automatic, see :func:`gti_jax.train.xent.loss_chunk_size`).
+            their own master copy, ``N x D`` numbers), and ``loss_chunk``, vocabulary columns
+            per chunk of the loss (0: automatic, see
+            :func:`gti_jax.train.xent.loss_chunk_size`); None: the defaults.
 
     Returns:
         A :class:`GroundStep`: ``params, opt_state = step.init(params)``, then
@@ -699,7 +699,6 @@ def make_ground_step(
         split_prefix=split_prefix,
         max_prefix=max_prefix,
         compute=compute,
-        loss_chunk=loss_chunk,
     )
 
 
@@ -782,7 +781,6 @@ def ground_step_from_config(
         rules=rules,
         max_prefix=max_prefix,
         compute=cfg.compute,
-        loss_chunk=cfg.compute.loss_chunk,
     )
 
 

@@ -117,7 +117,6 @@ def sft_step_from_config(cfg: TrainConfig, model: nnx.Module, *, mesh, rules) ->
         mesh=mesh,
         rules=rules,
         compute=cfg.compute,
-        loss_chunk=cfg.compute.loss_chunk,
     )
 
 

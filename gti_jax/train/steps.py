@@ -76,6 +76,7 @@ __all__ = [
     "opt_state_shardings",
     "param_dtype_of",
     "put_batch",
+    "loss_chunk_of",
     "set_compute",
     "set_compute_dtype",
     "sft_optimizer",
@@ -302,6 +303,11 @@ def inner_opt_state(opt_state: Any) -> Any:
     """The optimizer's own state (what `guard_optimizer` and `current_lr` read), unwrapped
     from a :class:`MasterState` when the parameters are kept in bfloat16."""
     return opt_state.inner if isinstance(opt_state, MasterState) else opt_state
+
+
+def loss_chunk_of(compute: ComputeConfig | None) -> int:
+    """Vocabulary columns per chunk of the loss (``compute.loss_chunk``; 0: automatic)."""
+    return 0 if compute is None else int(compute.loss_chunk)
 
 
 def param_dtype_of(compute: ComputeConfig | None) -> Any:
@@ -783,9 +789,7 @@ class SFTStep(CompiledStep):
         traces: how many times the step was traced (compiled): once per batch shape.
     """
 
-    def __init__(
-        self, model, tx, *, lora, compute_dtype, grad_accum, mesh, rules, compute=None, loss_chunk=0
-    ):
+    def __init__(self, model, tx, *, lora, compute_dtype, grad_accum, mesh, rules, compute=None):
         if grad_accum < 1:
             raise StepError(f"grad_accum must be >= 1, got {grad_accum}")
         if lora and not _has_lora(model):
@@ -808,6 +812,7 @@ class SFTStep(CompiledStep):
             self.graphdef = nnx.split(configured, self._filter, ...)[0]
         graphdef = self.graphdef
         dropout = self.dropout
+        loss_chunk = loss_chunk_of(compute)
 
         def loss_sums(trainable, frozen, batch, key, train):
             model = nnx.merge(graphdef, trainable, frozen)
@@ -907,7 +912,6 @@ def make_sft_step(
     mesh: Mesh | None = None,
     rules: Rules = LOGICAL_RULES,
     compute: ComputeConfig | None = None,
-    loss_chunk: int = 0,
 ) -> SFTStep:
     """Builds the compiled fine-tuning step for `model`.
 
@@ -924,10 +928,9 @@ def make_sft_step(
         grad_accum: micro-batches per optimizer step.
         mesh: a device mesh; None: one device.
         rules: logical axis rules for the mesh.
-        compute: the ``compute`` section: attention kernel, remat policy, parameter dtype
-            (None: the defaults).
-        loss_chunk: vocabulary columns per chunk of the loss (``compute.loss_chunk``; 0:
-            automatic, see :func:`gti_jax.train.xent.loss_chunk_size`).
+        compute: the ``compute`` section: attention kernel, remat policy, parameter dtype,
+            vocabulary columns per chunk of the loss (``loss_chunk``; 0: automatic, see
+            :func:`gti_jax.train.xent.loss_chunk_size`); None: the defaults.
 
     Returns:
         An :class:`SFTStep`: ``state = step.init(model)``, then
@@ -947,5 +950,4 @@ def make_sft_step(
         mesh=mesh,
         rules=rules,
         compute=compute,
-        loss_chunk=loss_chunk,
     )

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from gti_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
+from gti_jax.train.config import ComputeConfig
 from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.ground import make_ground_step, split_new_rows
 from gti_jax.train.steps import model_lm_loss
@@ -144,7 +145,9 @@ def test_ground_step_equal_unchunked(kind):
     batch = _batch(True)
     out = {}
     for chunk in (0, 7):
-        step = make_ground_step(graphdef, state, NEW, optax.sgd(1.0), tied=tied, loss_chunk=chunk)
+        step = make_ground_step(
+            graphdef, state, NEW, optax.sgd(1.0), tied=tied, compute=ComputeConfig(loss_chunk=chunk)
+        )
         params, opt = step.init(split_new_rows(state, NEW, tied=tied))
         evaluated = step.loss(params, batch)
         params, _, metrics = step(params, opt, batch)
@@ -166,7 +169,9 @@ def test_chunked_step_memory_is_bounded_by_one_chunk():
     targets = b * (t - 1)
     temps = {}
     for c in (0, chunk):
-        step = make_ground_step(graphdef, state, new, optax.sgd(1.0), tied=True, loss_chunk=c)
+        step = make_ground_step(
+            graphdef, state, new, optax.sgd(1.0), tied=True, compute=ComputeConfig(loss_chunk=c)
+        )
         params, opt = step.init(split_new_rows(state, new, tied=True))
         lowered = step.lower(
             params, step.frozen_state, batch, step.prefix_for(batch), opt_state=opt
