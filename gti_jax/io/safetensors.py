@@ -261,7 +261,7 @@ def save_tensors(
     The data goes to a temporary file in the same directory that is renamed into place, so a
     reader never sees a half-written file.
     """
-    atomic_write(path, lambda f: _write(f, tensors, metadata), binary=True)
+    atomic_write(path, lambda f: _write(f, tensors, metadata), binary=True, flush_behind=True)
 
 
 def save_dir_tensors(
