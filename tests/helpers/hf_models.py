@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -82,6 +83,51 @@ def tiny_llama(
         tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def tiny_gemma3(
+    vocab_size: int,
+    *,
+    hidden_size: int = 16,
+    intermediate_size: int = 32,
+    layer_types: tuple[str, ...] = ("full_attention",),
+    heads: int = 2,
+    kv_heads: int = 1,
+    tied: bool = False,
+    seed: int = 0,
+    **config: Any,
+):
+    """A randomly initialized gti_jax ``Gemma3ForCausalLM`` (float32, head_dim 8, window 4).
+
+    Args:
+        vocab_size: embedding rows.
+        hidden_size, intermediate_size, heads, kv_heads: the architecture.
+        layer_types: one ``"full_attention"`` or ``"sliding_attention"`` per layer.
+        tied: whether the head shares the embedding.
+        seed: the ``nnx.Rngs`` seed of the initialization.
+        **config: other ``Gemma3Config`` fields (e.g. ``final_logit_softcapping``).
+
+    Returns:
+        The model.
+    """
+    from flax import nnx
+
+    from gti_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
+
+    cfg = Gemma3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=len(layer_types),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=tuple(layer_types),
+        tie_word_embeddings=tied,
+        **config,
+    )
+    return Gemma3ForCausalLM(cfg, rngs=nnx.Rngs(seed))
 
 
 def _common_config(vocab_size: int) -> dict:

@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gti_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 from gti_jax.models.sharding import (
     LOGICAL_RULES,
     ActivationSharding,
@@ -26,7 +25,7 @@ from gti_jax.models.sharding import (
 )
 from gti_jax.plan import build
 from gti_jax.train.lora import apply_lora
-from tests.helpers.hf_models import tiny_llama
+from tests.helpers.hf_models import tiny_gemma3, tiny_llama
 
 NAMES = ("activation_batch", "seq", None)
 
@@ -53,25 +52,17 @@ def test_constrain_pins_rows_and_skips_what_does_not_divide():
     assert constrain(x, NAMES, ActivationSharding.of(mesh, {"activation_batch": "tensor"})) is x
 
 
-def _gemma3():
-    config = Gemma3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=4,
-        layer_types=("sliding_attention", "full_attention"),
-    )
-    return Gemma3ForCausalLM(config, rngs=nnx.Rngs(0))
-
-
 # every family the trainer builds (gti_jax.models.families.model_class)
 FAMILIES = {
     "llama": lambda: tiny_llama(64, hidden_size=32, heads=4, kv_heads=2, tied=False),
-    "gemma3": _gemma3,
+    "gemma3": lambda: tiny_gemma3(
+        64,
+        hidden_size=32,
+        intermediate_size=64,
+        layer_types=("sliding_attention", "full_attention"),
+        heads=4,
+        kv_heads=2,
+    ),
 }
 
 

@@ -9,7 +9,6 @@ import optax
 import pytest
 from flax import nnx
 
-from gti_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 from gti_jax.train.config import ComputeConfig
 from gti_jax.train.data import Batch, target_positions
 from gti_jax.train.ground import make_ground_step, split_new_rows
@@ -22,7 +21,7 @@ from gti_jax.train.xent import (
     chunked_ce_sums,
     loss_chunk_size,
 )
-from tests.helpers.hf_models import tiny_llama
+from tests.helpers.hf_models import tiny_gemma3, tiny_llama
 
 VOCAB = 100  # 7 does not divide it (the last chunk overlaps), 20 does
 NEW = range(88, 96)  # rows 96..99 are padding rows
@@ -32,20 +31,8 @@ def _model(kind: str, vocab: int = VOCAB):
     """A tiny model: gti_jax Llama (tied/untied) or Gemma 3 with soft-capped logits."""
     if kind.startswith("llama"):
         return tiny_llama(vocab, hidden_size=16, tied=kind == "llama_tied", seed=1)
-    cfg = Gemma3Config(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        sliding_window=4,
-        layer_types=("full_attention",),
-        final_logit_softcapping=0.5,  # small, so the cap really bends these logits
-        tie_word_embeddings=kind == "gemma_tied",
-    )
-    return Gemma3ForCausalLM(cfg, rngs=nnx.Rngs(1))
+    # soft cap 0.5: small, so the cap really bends these logits
+    return tiny_gemma3(vocab, tied=kind == "gemma_tied", seed=1, final_logit_softcapping=0.5)
 
 
 def _batch(with_targets: bool, seed: int = 0, b: int = 4, t: int = 10) -> Batch:
