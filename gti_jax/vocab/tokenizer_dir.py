@@ -30,6 +30,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
+from gti_jax.vocab.tokens import TokenError
+
 __all__ = ["GENERIC_CLASSES", "TokenizerDir", "open_tokenizer_dir"]
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -88,6 +90,13 @@ class TokenizerDir:
     def add_tokens(self, tokens: Sequence[str | AddedToken]) -> int:
         return self.backend_tokenizer.add_tokens(list(tokens))
 
+    def add_special_tokens(self, *args: Any, **kwargs: Any) -> int:
+        """Not supported: transformers also records special tokens in the config it writes."""
+        raise TokenError(
+            "special tokens cannot be added to a tokenizer opened with open_tokenizer_dir; load "
+            "it with transformers.AutoTokenizer.from_pretrained to add special tokens"
+        )
+
     def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int | None]:
         return [self.backend_tokenizer.token_to_id(t) for t in tokens]
 
@@ -112,8 +121,11 @@ def _special_contents(config: dict[str, Any]) -> list[str]:
             return v.get("content")
         return v if isinstance(v, str) else None
 
+    def values(v: Any) -> list[Any]:  # a list, or a dict of named tokens ({"image_token": ...})
+        return list(v.values()) if isinstance(v, dict) else list(v or [])
+
     named = [content(config.get(k)) for k in _NAMED_SPECIALS]
-    listed = [content(v) for k in _LIST_SPECIALS for v in (config.get(k) or [])]
+    listed = [content(v) for k in _LIST_SPECIALS for v in values(config.get(k))]
     return [t for t in named + listed if t]
 
 

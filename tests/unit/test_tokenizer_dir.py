@@ -147,6 +147,11 @@ _TRUNCATION = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst"
             None,
             "added_tokens_decoder entry 5",
         ),
+        (
+            lambda c: c.update(extra_special_tokens={"image_token": "<image>"}),
+            None,
+            "'<image>' is not in",
+        ),
         (None, lambda d: d.update(truncation=_TRUNCATION), "truncation or padding"),
         (None, lambda d: d.update(model={"type": "nonsense"}), "cannot read it"),
     ],
@@ -192,3 +197,15 @@ def test_smollm2_extension_saves_the_tokenizer_transformers_saves(smollm2_gguf, 
         AutoTokenizer.from_pretrained(str(tmp_path / "ref")),
         new,
     )
+
+
+def test_named_extra_special_tokens_are_looked_up_by_value(tok_dir, tmp_path):
+    d = _edit(tok_dir, tmp_path / "t", lambda c: c.update(extra_special_tokens={"x": "<|im_end|>"}))
+    assert open_tokenizer_dir(d)[1] == ""
+
+
+def test_special_tokens_are_left_to_transformers(tok_dir):
+    light, _ = open_tokenizer_dir(tok_dir)
+    with pytest.raises(TokenError, match="load it with transformers.AutoTokenizer"):
+        extended_copy(light, ["<s_1>"], special=True)
+    assert "<s_1>" not in light.get_vocab()
