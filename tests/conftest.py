@@ -101,8 +101,18 @@ def smollm2(smollm2_gguf):
 
 
 # gti_jax/'s docstring examples that read the real model (tens of seconds each on 2 cores):
-# slow, like the tests that do. (This hook sees every collected item, doctests included.)
-_SLOW_DOCTESTS = {"gti_jax.models.gguf.load_gguf", "gti_jax.models.gguf.gguf_metadata"}
+# slow, like the tests that do; and those that train or compile for 5-12 s on 2 cores, whose
+# mechanism a fast test covers (tests/unit/test_semantic_ids.py trains RQ-VAEs, the parity
+# tests run Gemma 3 and the KV cache). (This hook sees every collected item, doctests
+# included.)
+_SLOW_DOCTESTS = {
+    "gti_jax.models.gguf.load_gguf",
+    "gti_jax.models.gguf.gguf_metadata",
+    "gti_jax.models.gguf.gguf_config",
+    "gti_jax.rec.semantic_ids.rq_vae",
+    "gti_jax.models.llama.LlamaForCausalLM.init_cache",
+    "gti_jax.models.gemma3",
+}
 
 
 def _whole_module_slow(item) -> bool:

@@ -29,7 +29,7 @@ from gti_jax.train.ground import (
 from gti_jax.vocab.resize import EmbeddingSpec, resize_vocab
 from gti_jax.vocab.tokens import extend_tokenizer
 
-# 32 grounding steps of the real 135M model
+# 16 grounding steps of the real 135M model
 pytestmark = pytest.mark.slow
 
 ENTITIES = {
@@ -51,7 +51,7 @@ ENTITIES = {
     "<newton>": "Isaac Newton, the mathematician",
 }
 SYSTEM = "Answer briefly."
-STEPS = 32  # 4 epochs of the 32 pairs at batch 4 (~1 s a step on 2 CPU cores)
+STEPS = 16  # 2 epochs of the 32 pairs at batch 4 (~1 s a step on 2 CPU cores)
 
 
 def _pairs() -> list[Example]:
@@ -106,8 +106,8 @@ def test_grounding_smollm2_spreads_new_tokens(smollm2):
         f"{time.perf_counter() - t0:.1f}s"
     )
     assert rank_init < 1.05
-    assert rank_after > 5.0  # measured: 9.0
-    assert loss_after < 0.75 * loss_init  # measured: 7.9 -> 4.0
+    assert rank_after > 5.0  # measured: 7.0 (9.0 after 32 steps)
+    assert loss_after < 0.75 * loss_init  # measured: 7.90 -> 5.62 (4.0 after 32 steps)
     assert np.isfinite(losses).all()
 
     # Only the new rows moved; folding them back gives the grounded model.

@@ -54,16 +54,13 @@ def _args(task, run_dir, *more):
 
 @pytest.fixture(scope="module")
 def reference(task, tmp_path_factory):
-    """One uninterrupted run of the same command."""
+    """One uninterrupted run of the same command line, through the command's own ``main``
+    in this process: the same configuration, XLA flags and programs as the subprocesses
+    (they inherit this environment), without a second interpreter's start-up and imports."""
+    from gti_jax.train.__main__ import main
+
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    r = subprocess.run(
-        train_command(*_args(task, run_dir)),
-        env=train_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(_args(task, run_dir)) == 0
     return run_dir
 
 

@@ -4,11 +4,13 @@ numbers of metrics.jsonl, results.json and diagnostics.json, read back from the 
 import json
 
 import numpy as np
+import pytest
 
 from gti_jax.train.tracking import TENSORBOARD_DIR, flat_scalars, tensorboard_tag
 from tests.helpers.tracking_files import read_tensorboard_scalars
 
 
+@pytest.mark.slow  # the session's whole tiny run
 def test_event_files_hold_the_runs_numbers(tiny_run):
     tb = read_tensorboard_scalars(tiny_run / TENSORBOARD_DIR)
     got = {(tag, step): v for tag, points in tb.items() for step, v in points}

@@ -5,8 +5,9 @@ lines with an ETA.
 One run of the tiny task (no grounding, LoRA fine-tuning at a learning rate so high that the
 validation loss rises after step 2) is shared by the module: it validates every step, stops
 after two validations without improvement, and evaluates and exports the state of its best
-step. The resume test (slow) stops a second run after step 3 and resumes it: it must end as
-the first did, bit for bit.
+step. The resume test stops a second run after step 3 and resumes it: it must end as
+the first did, bit for bit. The tests of these runs are slow (a trainer run, ~25 s on 2
+cores); the fast lane keeps the progress and configuration checks.
 """
 
 import contextlib
@@ -87,6 +88,7 @@ def _saved_embedding(path) -> np.ndarray:
         return _embedding(c.restore(path / "state"))
 
 
+@pytest.mark.slow  # the module's trainer run
 def test_validation_rows_and_early_stop(validated):
     run_dir, results, _, _ = validated
     valid = _rows(run_dir, "valid")
@@ -109,6 +111,7 @@ def test_validation_rows_and_early_stop(validated):
     assert all(r["best_step"] == min(r["step"], best) for r in valid)
 
 
+@pytest.mark.slow  # the module's trainer run
 def test_best_checkpoint_is_kept_and_exported(validated):
     run_dir, results, model, _ = validated
     best, last = results["best"]["step"], _rows(run_dir, "valid")[-1]["step"]
@@ -121,6 +124,7 @@ def test_best_checkpoint_is_kept_and_exported(validated):
     assert not np.array_equal(exported, _saved_embedding(ckpts / str(last)))
 
 
+@pytest.mark.slow  # the module's trainer run
 def test_progress_lines(validated):
     *_, stderr = validated
     assert re.search(r"\[gti_jax\] beam search: \d+/\d+ batches, elapsed \d+s, ETA 0s", stderr)

@@ -50,6 +50,7 @@ def test_alias_missing_package_names_pip_command(monkeypatch):
         gg.resolve_alias("smollm2-135m")
 
 
+@pytest.mark.slow  # reads the real model (~10 s on 2 cores)
 def test_config_values(smollm):
     cfg, tensors, _ = smollm
     expected = {
@@ -74,6 +75,7 @@ def test_config_values(smollm):
     assert {k: cfg[k] for k in expected} == expected
 
 
+@pytest.mark.slow  # reads the real model (~10 s on 2 cores)
 def test_tensor_names_shapes_dtypes(smollm):
     _, tensors, _ = smollm
     assert len(tensors) == 2 + 30 * 9  # embed, final norm, 9 per layer; tied: no lm_head
@@ -95,6 +97,7 @@ def test_tensor_names_shapes_dtypes(smollm):
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in tensors.values())
 
 
+@pytest.mark.slow  # reads the real model (~10 s on 2 cores)
 def test_tokenizer_round_trip_and_digits(smollm):
     _, _, tok = smollm
     assert isinstance(tok, PreTrainedTokenizerFast)
@@ -110,6 +113,7 @@ def test_tokenizer_round_trip_and_digits(smollm):
     assert pieces == ["year", "Ġ", "2", "0", "2", "3"]  # digits split one by one
 
 
+@pytest.mark.slow  # reads the real model (~10 s on 2 cores)
 def test_tokenizer_special_tokens_and_chat_template(smollm):
     _, _, tok = smollm
     assert (tok.bos_token, tok.bos_token_id) == ("<|im_start|>", 1)
@@ -130,6 +134,7 @@ def test_tokenizer_special_tokens_and_chat_template(smollm):
     assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow  # reads the real model (~10 s on 2 cores)
 def test_tokenizer_save_and_reload(smollm, tmp_path):
     _, _, tok = smollm
     tok.save_pretrained(tmp_path)
@@ -170,6 +175,7 @@ def test_without_qk_unpermute_perplexity_is_much_worse(smollm):
     assert ppl > 2.5 * PPL_FIXED
 
 
+@pytest.mark.slow  # the real model's metadata: its 49k tokens and merges (~4 s)
 def test_metadata_plain_values():
     meta = gg.gguf_metadata("smollm2-135m")
     assert meta["general.architecture"] == "llama"
