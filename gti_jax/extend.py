@@ -17,9 +17,8 @@ Example::
 
 from __future__ import annotations
 
-if (
-    __name__ == "__main__"
-):  # before the heavy imports below, or the re-executed process repeats them
+# Re-executed before the heavy imports below, or the new process would repeat them.
+if __name__ == "__main__":
     from gti_jax._env import reexec_with_hugepage_malloc
 
     reexec_with_hugepage_malloc()

@@ -37,10 +37,10 @@ def _tiny_run(task, tmp_path_factory):
 @pytest.fixture
 def tiny_run(_tiny_run):
     """The run directory of one uninterrupted run of the whole tiny task (``task.args``,
-    ``log_every=1``, ``log.tensorboard=true`` and ``log.plots=true``: grounding, LoRA fine-tuning, evaluation,
-    export), made once per session in this process: the reference the resume and
-    damaged-checkpoint tests must reproduce bit for bit, and the run whose artifacts
-    test_train.py and test_tracking_run.py check. Read-only, like `task`."""
+    ``log_every=1``, ``log.tensorboard=true`` and ``log.plots=true``: grounding, LoRA
+    fine-tuning, evaluation, export), made once per session in this process: the reference
+    the resume and damaged-checkpoint tests must reproduce bit for bit, and the run whose
+    artifacts test_train.py and test_tracking_run.py check. Read-only, like `task`."""
     return _tiny_run[0]
 
 
